@@ -1,0 +1,1 @@
+"""Flows: deployable Prefect jobs that compose tasks; the CLI lives here too."""

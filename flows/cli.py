@@ -1,0 +1,188 @@
+"""The ``audiopipe`` command line (typer + rich). Thin: parse, check, call a flow, show the result.
+
+User errors (``AudiopipeError``) print one paragraph that says what to fix and exit 2, with no traceback.
+Prefect is imported only after its environment defaults are set (telemetry off, a local home).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from audiopipe.infra.errors import AudiopipeError, ConfigError
+from audiopipe.infra.settings import RunSettings, apply_prefect_defaults
+
+app = typer.Typer(help="audiopipe: audio archives in object storage -> features -> LSTM models -> results.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+store_app = typer.Typer(help="Run a local SeaweedFS S3 server (for the demo, tests and local clusters).",
+                        no_args_is_help=True)
+app.add_typer(store_app, name="store")
+console = Console(stderr=True)
+
+# Option name in the CLI/config file -> (section, field). Config files use the same keys as the options.
+_FEATURE_KEYS = {"kind", "sample_rate", "n_fft", "hop_length", "n_mels", "n_mfcc", "segment_seconds"}
+_RUN_KEYS = {"files_per_shard", "workers", "dask_address", "worker_memory_limit", "shard_concurrency"}
+_OTHER_KEYS = {"storage_options", "report", "retry_rejected"}
+_SECRET_OPTIONS = {"key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY", "token": "AWS_SESSION_TOKEN"}
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a user error as one paragraph and exit."""
+    console.print(Panel(message, title="audiopipe: error", border_style="red", expand=False))
+    raise typer.Exit(code)
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a TOML or YAML file whose keys are the featurize options (dashes or underscores)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else yaml.safe_load(text)
+    except (OSError, tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table/mapping of option names to values.")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = set(data) - _FEATURE_KEYS - _RUN_KEYS - _OTHER_KEYS
+    if unknown:
+        raise ConfigError(f"config file {path} has unknown keys {sorted(unknown)}; "
+                          f"known: {sorted(_FEATURE_KEYS | _RUN_KEYS | _OTHER_KEYS)}.")
+    return data
+
+
+def split_secrets(options: dict[str, Any]) -> dict[str, Any]:
+    """Move credentials out of storage options into this process's environment.
+
+    Flow parameters are stored by Prefect, so secrets must never be one; workers of a LocalCluster inherit
+    the environment, and remote workers use their own (instance roles, env, Prefect blocks).
+    """
+    kept = dict(options)
+    for name, env_var in _SECRET_OPTIONS.items():
+        if name in kept:
+            os.environ[env_var] = str(kept.pop(name))
+    return kept
+
+
+@app.command()
+def featurize(
+    in_url: Annotated[str, typer.Argument(help="Input archive: s3://bucket/prefix, file:///path or a path.")],
+    out_url: Annotated[str, typer.Argument(help="Output root for features/ and manifest/ (any fsspec URL).")],
+    kind: Annotated[str | None, typer.Option(help="Features: logmel or mfcc. (default: logmel)")] = None,
+    sample_rate: Annotated[int | None, typer.Option(help="Resample every input to this rate, Hz. (default: 16000)")] = None,
+    n_fft: Annotated[int | None, typer.Option(help="FFT window in samples. (default: 400)")] = None,
+    hop_length: Annotated[int | None, typer.Option(help="Hop between frames in samples. (default: 160)")] = None,
+    n_mels: Annotated[int | None, typer.Option(help="Mel bands. (default: 80)")] = None,
+    n_mfcc: Annotated[int | None, typer.Option(help="MFCC coefficients (kind=mfcc). (default: 40)")] = None,
+    segment_seconds: Annotated[float | None, typer.Option(help="Cut long recordings into segments this long. (default: 30)")] = None,
+    files_per_shard: Annotated[int | None, typer.Option(help="Input files per output shard. (default: 64)")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes of the local Dask cluster. (default: 2)")] = None,
+    dask_address: Annotated[str | None, typer.Option(help="Use this Dask scheduler (tcp://host:8786) instead of a local cluster.")] = None,
+    worker_memory_limit: Annotated[str | None, typer.Option(help="Memory limit per local worker; past it the worker is restarted. (default: 3GiB)")] = None,
+    storage_options: Annotated[str | None, typer.Option(help='fsspec/s3fs options as JSON, e.g. \'{"endpoint_url": "http://127.0.0.1:8333"}\'. AWS_* variables are read too.')] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML or YAML file with any of these options (the command line wins).")] = None,
+    report: Annotated[Path | None, typer.Option(help="Write an HTML report with example spectrograms to this folder.")] = None,
+    retry_rejected: Annotated[bool, typer.Option(help="Process previously rejected files again.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Extract log-mel or MFCC features from every audio file under IN_URL into Parquet shards under OUT_URL.
+
+    Incremental: files already done with this feature config are skipped; a killed run resumes when the
+    same command runs again. Every input is accounted for in OUT_URL/manifest (ok or rejected, with why).
+    """
+    given = {k: v for k, v in locals().items() if v is not None and k in _FEATURE_KEYS | _RUN_KEYS | _OTHER_KEYS}
+    try:
+        summary = _featurize(in_url, out_url, given, config, progress)
+    except AudiopipeError as exc:
+        fail(str(exc))
+    _print_summary(summary)
+
+
+def _featurize(in_url: str, out_url: str, given: dict[str, Any], config: Path | None, progress: bool) -> dict:
+    from audiopipe.tasks.features import FeatureConfig
+
+    merged = {**(load_config_file(config) if config else {}), **given}
+    if not merged.get("retry_rejected"):
+        merged.pop("retry_rejected", None)
+    cfg = FeatureConfig.from_dict({k: v for k, v in merged.items() if k in _FEATURE_KEYS})
+    try:
+        settings = RunSettings(**{k: v for k, v in merged.items() if k in _RUN_KEYS})
+    except ValueError as exc:
+        raise ConfigError(f"invalid run settings: {exc}") from None
+    options = merged.get("storage_options") or {}
+    if isinstance(options, str):
+        from audiopipe.infra.storage import storage_spec_from_env
+
+        options = dict(storage_spec_from_env(options, env={}).options)
+    options = split_secrets(options)
+    apply_prefect_defaults(settings.work_dir)
+    from audiopipe.flows.extract_features import featurize as run_flow
+    from audiopipe.infra.storage import StorageSpec, storage_spec_from_env
+    from audiopipe.tasks.discover import check_output_writable, list_audio_sources
+
+    storage = StorageSpec({**storage_spec_from_env(None).options, **options})
+    check_output_writable(out_url, storage)  # user errors surface here, before Prefect starts
+    list_audio_sources(in_url, storage)
+    report_dir = str(merged["report"]) if merged.get("report") else None
+    kwargs = dict(feature_config=cfg, settings=settings, storage_options=options, report_dir=report_dir,
+                  retry_rejected=bool(merged.get("retry_rejected")))
+    if not progress:
+        return run_flow(in_url, out_url, **kwargs)
+    from audiopipe.flows.progress_view import progress_bar
+
+    with progress_bar(console):
+        return run_flow(in_url, out_url, **kwargs)
+
+
+def _print_summary(summary: dict) -> None:
+    from audiopipe.tasks.report import RunSummary
+
+    fields = {k: v for k, v in summary.items() if k in RunSummary.__dataclass_fields__}
+    table = Table(title="featurize summary", show_header=False)
+    for label, value in RunSummary(**fields).rows():
+        table.add_row(label, value)
+    Console().print(table)
+
+
+@store_app.command("up")
+def store_up(
+    root: Annotated[Path, typer.Option(help="Folder for the server's data, logs and PID file.")] = Path(".audiopipe/store"),
+    port: Annotated[int, typer.Option(help="S3 port on 127.0.0.1.")] = 8333,
+) -> None:
+    """Start SeaweedFS with credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY; wait until S3 answers."""
+    from audiopipe.infra.store import SeaweedStore
+
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not key or not secret:
+        fail("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY first: the server accepts only those credentials.")
+    try:
+        pid = SeaweedStore(root, port).up(access_key=key, secret_key=secret)
+    except AudiopipeError as exc:
+        fail(str(exc))
+    console.print(f"SeaweedFS S3 is up at http://127.0.0.1:{port} (pid {pid}, data in {root}).\n"
+                  f"Use it with: export AWS_ENDPOINT_URL=http://127.0.0.1:{port}")
+
+
+@store_app.command("down")
+def store_down(root: Annotated[Path, typer.Option(help="Folder given to `store up`.")] = Path(".audiopipe/store")) -> None:
+    """Stop the SeaweedFS server started from ROOT (SIGTERM, by its recorded PID)."""
+    from audiopipe.infra.store import SeaweedStore
+
+    stopped = SeaweedStore(root).down()
+    console.print("SeaweedFS stopped." if stopped else "No SeaweedFS server was running from that folder.")
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m audiopipe.flows.cli`
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Infra: what the pipeline stands on (settings, storage, contracts, Dask) plus deployment files."""

@@ -1,0 +1,76 @@
+"""Infra: the versioned data contracts (Arrow schemas) and their validator.
+
+Documented in ``docs/data-contracts.md``. Changing a schema means a new ``*_V2`` constant, a docs entry,
+and readers that list the versions they accept. Writers call ``validate_table`` before publishing.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from audiopipe.infra.errors import SchemaError
+
+CONTRACT_VERSION = 1
+
+# One row per (recording, segment). ``features`` is frames x bins, float32; ``n_frames`` repeats the
+# outer length so metadata readers never touch the payload column.
+FEATURES_V1 = pa.schema(
+    [
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("segment", pa.int32(), nullable=False),
+        pa.field("start_s", pa.float64(), nullable=False),
+        pa.field("duration_s", pa.float64(), nullable=False),
+        pa.field("n_frames", pa.int32(), nullable=False),
+        pa.field("features", pa.list_(pa.list_(pa.float32())), nullable=False),
+        pa.field("config_hash", pa.string(), nullable=False),
+    ],
+    metadata={"audiopipe.contract": "features", "audiopipe.contract_version": str(CONTRACT_VERSION)},
+)
+
+# One row per input file, rejected ones included: the account of every input.
+MANIFEST_V1 = pa.schema(
+    [
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("size", pa.int64(), nullable=False),
+        pa.field("etag", pa.string()),
+        pa.field("mtime", pa.timestamp("us", tz="UTC")),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("reason", pa.string()),
+        pa.field("sample_rate", pa.int32()),
+        pa.field("channels", pa.int32()),
+        pa.field("duration_s", pa.float64()),
+        pa.field("n_segments", pa.int32(), nullable=False),
+        pa.field("shard", pa.string()),
+        pa.field("config_hash", pa.string(), nullable=False),
+        pa.field("audiopipe_version", pa.string(), nullable=False),
+        pa.field("processed_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ],
+    metadata={"audiopipe.contract": "manifest", "audiopipe.contract_version": str(CONTRACT_VERSION)},
+)
+
+MANIFEST_STATUSES = ("ok", "rejected")
+
+
+def validate_table(table: pa.Table | pa.RecordBatch, schema: pa.Schema) -> None:
+    """Raise ``SchemaError`` unless ``table`` has exactly ``schema``'s fields, types and non-null columns.
+
+    Args:
+        table: The table or batch about to be written.
+        schema: One of the ``*_V1`` constants.
+
+    Raises:
+        SchemaError: naming the contract and the first mismatching field.
+    """
+    contract = (schema.metadata or {}).get(b"audiopipe.contract", b"?").decode()
+    if table.schema.names != schema.names:
+        raise SchemaError(f"{contract} table has columns {table.schema.names}, contract wants {schema.names}")
+    for field in schema:
+        got = table.schema.field(field.name).type
+        if got != field.type:
+            raise SchemaError(f"{contract} column {field.name!r} is {got}, contract wants {field.type}")
+        if not field.nullable and table.column(field.name).null_count:
+            raise SchemaError(f"{contract} column {field.name!r} has nulls but the contract forbids them")
+    if schema is MANIFEST_V1:
+        bad = set(table.column("status").to_pylist()) - set(MANIFEST_STATUSES)
+        if bad:
+            raise SchemaError(f"manifest status has values {sorted(bad)}, allowed {MANIFEST_STATUSES}")

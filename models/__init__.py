@@ -1,0 +1,1 @@
+"""Models: Keras builders, training and decoding for the four LSTM model families."""

@@ -1,0 +1,242 @@
+"""Stage 4 of featurize: run one shard's files on Dask and commit the shard; thin Prefect task wrappers.
+
+In: a ``ShardPlan``. Out: a small ``ShardResult`` (counts and timings, never arrays). Prefect sees one
+task per shard; the files inside go to Dask as plain functions (one task per file, or per 10-minute
+chunk of a long file), consumed in order through a bounded window so the driver's memory stays flat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from distributed import Client, Future, KilledWorker, get_client
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from audiopipe.infra.errors import TransientStorageError
+from audiopipe.infra.settings import RunSettings
+from audiopipe.infra.storage import StorageSpec, is_transient, open_fs
+from audiopipe.tasks.audio_io import WHOLE_READ_MAX_BYTES, AudioInfo, num_segments
+from audiopipe.tasks.extract import ItemResult, SourceFile, WorkItem, featurize_item, probe_item
+from audiopipe.tasks.features import FeatureConfig
+from audiopipe.tasks.progress import ProgressEvent, report
+from audiopipe.tasks.shards import FeaturePartWriter, OutputLayout, ShardPlan, manifest_table, now_utc, \
+    write_table_atomic
+
+log = logging.getLogger(__name__)
+
+CHUNK_SECONDS = 600.0  # a long file is split into Dask tasks of ~10 minutes of audio
+WINDOW_PER_SHARD = 4   # items in flight per shard; results are consumed in order
+
+
+@dataclass
+class ShardResult:
+    """What one committed shard reports back to the flow."""
+
+    shard_id: str
+    num_files: int = 0
+    num_ok: int = 0
+    num_rows: int = 0
+    audio_s: float = 0.0
+    busy_s: float = 0.0
+    wall_s: float = 0.0
+    rejected: Counter = field(default_factory=Counter)  # reason category -> count
+
+    @property
+    def num_rejected(self) -> int:
+        return sum(self.rejected.values())
+
+
+@dataclass
+class _FileState:
+    source: SourceFile
+    info: AudioInfo | None = None
+    reason: str | None = None
+    segments: int = 0
+    audio_s: float = 0.0
+    busy_s: float = 0.0
+    pending_items: int = 0
+
+
+def item_key(item: WorkItem) -> str:
+    """Stable Dask key of an item: ``featurize-<sha1(url, version, first segment)>``."""
+    blob = f"{item.source.url}\t{item.source.version}\t{item.first}".encode()
+    return "featurize-" + hashlib.sha1(blob).hexdigest()[:24]
+
+
+def reject_category(reason: str) -> str:
+    """The category of a rejection reason: the words before the first colon."""
+    return reason.split(":", 1)[0].strip()
+
+
+def _plan_items(client: Client, files: tuple[SourceFile, ...], cfg: FeatureConfig, storage: StorageSpec,
+                states: dict[str, _FileState]) -> list[WorkItem]:
+    """One item per small file; large files are probed (on a worker) and cut into chunks of segments."""
+    large = [f for f in files if f.size > WHOLE_READ_MAX_BYTES]
+    probes = dict(zip((f.url for f in large), client.gather(
+        [client.submit(probe_item, f, storage, key="probe-" + item_key(WorkItem(f))) for f in large])))
+    per_chunk = max(1, int(CHUNK_SECONDS // cfg.segment_seconds))
+    items: list[WorkItem] = []
+    for f in files:
+        probed = probes.get(f.url)
+        if isinstance(probed, str):
+            states[f.url].reason = probed
+            continue
+        if probed is None:
+            items.append(WorkItem(f))
+            continue
+        total = num_segments(probed, cfg.segment_seconds)
+        items.extend(WorkItem(f, first, min(first + per_chunk, total)) for first in range(0, total, per_chunk))
+    return items
+
+
+def _results_in_order(client: Client, items: list[WorkItem], cfg: FeatureConfig, storage: StorageSpec,
+                      window: int) -> Iterator[tuple[WorkItem, ItemResult]]:
+    """Submit items through a sliding window; yield results in submission order."""
+    queue: deque[tuple[WorkItem, Future]] = deque()
+    todo = iter(items)
+
+    def submit_next() -> None:
+        item = next(todo, None)
+        if item is not None:
+            queue.append((item, client.submit(featurize_item, item, cfg, storage, key=item_key(item),
+                                              retries=0)))
+
+    for _ in range(window):
+        submit_next()
+    try:
+        while queue:
+            item, future = queue.popleft()
+            submit_next()
+            yield item, _resolve(item, future)
+    finally:
+        for _, future in queue:
+            future.cancel()
+
+
+def _resolve(item: WorkItem, future: Future) -> ItemResult:
+    url = item.source.url
+    try:
+        return future.result()
+    except KilledWorker:
+        return ItemResult(url, reason="worker crash: the worker process died every time it processed this file "
+                                      "(crash or out of memory); quarantined")
+    except Exception as exc:
+        if is_transient(exc):
+            raise TransientStorageError(f"storage failed while reading {url}: {exc}") from exc
+        log.exception("unexpected error processing %s", url)
+        return ItemResult(url, reason=f"processing failed: {type(exc).__name__}: {exc}")
+
+
+def run_shard(client: Client, plan: ShardPlan, cfg: FeatureConfig, storage: StorageSpec, out_url: str,
+              scratch_dir: str) -> ShardResult:
+    """Featurize every file of ``plan`` on Dask, publish its features part, then commit its manifest part.
+
+    Raises:
+        TransientStorageError: when the store failed; nothing of this shard is committed, so a retry redoes it.
+    """
+    started = time.perf_counter()
+    fs, root = open_fs(out_url, storage)
+    layout = OutputLayout(root, cfg.config_hash)
+    states = {f.url: _FileState(f) for f in plan.files}
+    items = _plan_items(client, plan.files, cfg, storage, states)
+    for item in items:
+        states[item.source.url].pending_items += 1
+    for state in states.values():
+        if state.reason is not None:  # rejected by the probe: no item will run for it
+            report(ProgressEvent(files=1, rejected=1))
+    writer = FeaturePartWriter(scratch_dir)
+    try:
+        for item, result in _results_in_order(client, items, cfg, storage, WINDOW_PER_SHARD):
+            state = states[item.source.url]
+            _absorb(state, result, writer)
+            if state.pending_items == 0:
+                report(ProgressEvent(files=1, audio_s=state.audio_s if state.reason is None else 0.0,
+                                     rejected=int(state.reason is not None)))
+        drop = {url for url, s in states.items() if s.reason is not None}
+        part = layout.features_part(plan.shard_id)
+        num_rows = writer.publish(fs, part, drop) if any(s.reason is None for s in states.values()) else 0
+    except BaseException:
+        writer.discard()
+        raise
+    rows = [_manifest_row(s, cfg, layout.relative(part) if num_rows else None) for s in states.values()]
+    write_table_atomic(fs, layout.manifest_part(plan.shard_id), manifest_table(rows))
+    return _shard_result(plan, states, num_rows, time.perf_counter() - started)
+
+
+def _absorb(state: _FileState, result: ItemResult, writer: FeaturePartWriter) -> None:
+    state.pending_items -= 1
+    state.busy_s += result.busy_s
+    state.info = state.info or result.info
+    if result.reason is not None:
+        state.reason = state.reason or result.reason
+        return
+    if state.reason is None and result.batch is not None:
+        writer.add(result.batch)
+    state.segments += result.num_segments
+    state.audio_s += result.audio_s
+
+
+def _manifest_row(state: _FileState, cfg: FeatureConfig, shard: str | None) -> dict:
+    from audiopipe.infra.version import audiopipe_version
+
+    f, info, ok = state.source, state.info, state.reason is None
+    return {
+        "source": f.url, "size": f.size, "etag": f.etag,
+        "mtime": None if f.mtime is None else _to_datetime(f.mtime),
+        "status": "ok" if ok else "rejected", "reason": state.reason,
+        "sample_rate": info.sample_rate if info else None, "channels": info.channels if info else None,
+        "duration_s": (state.audio_s if ok else info.duration_s) if info else None,
+        "n_segments": state.segments if ok else 0, "shard": shard if ok else None,
+        "config_hash": cfg.config_hash, "audiopipe_version": audiopipe_version(), "processed_at": now_utc(),
+    }
+
+
+def _to_datetime(ts: float):
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+def _shard_result(plan: ShardPlan, states: dict[str, _FileState], num_rows: int, wall_s: float) -> ShardResult:
+    result = ShardResult(plan.shard_id, num_files=len(states), num_rows=num_rows, wall_s=wall_s)
+    for s in states.values():
+        result.busy_s += s.busy_s
+        if s.reason is None:
+            result.num_ok += 1
+            result.audio_s += s.audio_s
+        else:
+            result.rejected[reject_category(s.reason)] += 1
+    return result
+
+
+# ---- Prefect wrappers -------------------------------------------------------------------------------
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry only storage hiccups, fail everything else at once."""
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - the state's own exception, classified
+        return is_transient(exc)
+    return False
+
+
+@task(name="extract-shard", retries=4, retry_delay_seconds=exponential_backoff(2), retry_jitter_factor=0.5,
+      retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
+def extract_shard(plan: ShardPlan, cfg: FeatureConfig, storage: StorageSpec, out_url: str,
+                  settings: RunSettings) -> ShardResult:
+    """Prefect task: one shard, executed on the Dask client of the calling flow."""
+    logger = get_run_logger()
+    scratch = str(settings.work_dir / "scratch")
+    result = run_shard(get_client(), plan, cfg, storage, out_url, scratch)
+    logger.info("shard %s: %d files (%d ok, %d rejected), %.1f min of audio, %d rows in %.1f s",
+                plan.shard_id, result.num_files, result.num_ok, result.num_rejected, result.audio_s / 60,
+                result.num_rows, result.wall_s)
+    return result
+
