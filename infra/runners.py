@@ -31,6 +31,7 @@ def dask_client(settings: RunSettings) -> Iterator[Client]:
     Raises:
         ConfigError: when the scheduler address cannot be reached.
     """
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # per-worker INFO chatter drowns the run's logs
     retries = {"distributed.scheduler.allowed-failures": settings.max_attempts_per_file - 1,
                "distributed.worker.memory.terminate": 0.95}
     if settings.dask_address:

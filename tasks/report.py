@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import io
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -99,6 +100,7 @@ def write_report(fs, layout: OutputLayout, cfg: FeatureConfig, summary: RunSumma
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    warnings.filterwarnings("ignore", message="Glyph .* missing from font")  # CJK file names in titles
     report_dir.mkdir(parents=True, exist_ok=True)
     parts = sorted(p for p in fs.find(layout.features_dir) if p.endswith(".parquet"))
     figures = []
