@@ -23,7 +23,7 @@ from audiopipe.infra.settings import RunSettings
 from audiopipe.infra.storage import StorageSpec, open_fs, storage_spec_from_env
 from audiopipe.tasks.discover import check_output_writable, list_audio_sources
 from audiopipe.tasks.execute import ShardResult, extract_shard
-from audiopipe.tasks.extract import SourceFile, warm_up
+from audiopipe.tasks.extract import SourceFile, datetime_to_us, source_version, warm_up
 from audiopipe.tasks.features import FeatureConfig
 from audiopipe.tasks.progress import ProgressEvent, report
 from audiopipe.tasks.report import RunSummary, write_report
@@ -65,8 +65,8 @@ def plan_featurize(in_url: str, out_url: str, cfg: FeatureConfig, storage: Stora
     manifest = read_manifest(fs, layout, ["source", "etag", "mtime", "size", "status"])
     done = {}
     for row in manifest.to_pylist():
-        version = row["etag"] or f"{row['mtime'].timestamp() if row['mtime'] else None}:{row['size']}"
-        done[row["source"]] = (version, row["status"])
+        mtime_us = datetime_to_us(row["mtime"]) if row["mtime"] else None
+        done[row["source"]] = (source_version(row["etag"], mtime_us, row["size"]), row["status"])
     pending = pending_sources(sources, done, retry_rejected)
     shards = plan_shards(pending, settings.files_per_shard)
     logger.info("%d audio files listed, %d already done, %d to process in %d shards (config %s)",

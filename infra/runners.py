@@ -51,7 +51,7 @@ def dask_client(settings: RunSettings) -> Iterator[Client]:
         cluster = LocalCluster(
             n_workers=settings.workers, threads_per_worker=1, processes=True,
             memory_limit=settings.worker_memory_limit, local_directory=str(local_dir),
-            dashboard_address=None, silence_logs=logging.ERROR,
+            dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR,
         )
     try:
         with Client(cluster) as client:

@@ -30,7 +30,9 @@ MAX_SEGMENT_BYTES = 1024 * 1024 * 1024  # channels x frames x 4 bytes of one dec
 MIN_SAMPLE_RATE_HZ, MAX_SAMPLE_RATE_HZ = 1_000, 768_000
 # Declared vs decoded length: encoders' frame estimates (MP3 without a Xing header) may be off a little.
 TRUNCATION_TOLERANCE = 0.005
-_WAV_SHORT = re.compile(r"data\s*:\s*(\d+)\s*\(should be (\d+)\)")
+# libsndfile's header log notes a data chunk longer than the file: "data : 96000 (should be 47978)" (WAV),
+# "SSND : 132308 (should be 66131)" (AIFF).
+_SHORT_CHUNK = re.compile(r"(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)")
 _STREAMED_WAV_SIZES = (0, 0xFFFFFFFF, 0x7FFFFFFF)  # placeholders written by pipes/streamers: not truncation
 
 
@@ -138,7 +140,7 @@ def _check_header(snd: sf.SoundFile, info: AudioInfo) -> None:
         raise BadAudioError(f"bad header: implausible sample rate {info.sample_rate} Hz")
     if info.channels < 1 or info.channels > 1024:
         raise BadAudioError(f"bad header: implausible channel count {info.channels}")
-    short = _WAV_SHORT.search(snd.extra_info or "")
+    short = _SHORT_CHUNK.search(snd.extra_info or "")
     if short and int(short.group(1)) not in _STREAMED_WAV_SIZES and int(short.group(2)) < int(short.group(1)):
         declared, present = int(short.group(1)), int(short.group(2))
         raise BadAudioError(f"truncated: the header declares {declared} bytes of audio data "
@@ -208,8 +210,15 @@ def iter_segments(handle: io.IOBase, snd: sf.SoundFile, info: AudioInfo, *, segm
     if step * info.channels * 4 > MAX_SEGMENT_BYTES:
         raise BadAudioError(f"too large: one {segment_seconds:g} s segment of {info.channels} channels at "
                             f"{info.sample_rate} Hz needs > {MAX_SEGMENT_BYTES >> 20} MiB; lower --segment-seconds")
+    if first * step >= info.frames:
+        return  # the file is shorter than when it was planned: nothing in this range
     if first:
-        snd.seek(first * step)
+        try:
+            snd.seek(first * step)
+        except sf.LibsndfileError as exc:
+            _raise_if_storage(handle, "seeking")
+            raise BadAudioError(f"corrupt: cannot seek to {first * segment_seconds:g} s: "
+                                f"{_decoder_message(exc)}") from None
         _raise_if_storage(handle, "seeking")
     for index in range(first, stop):
         want = min(step, info.frames - index * step)

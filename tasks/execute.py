@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ from audiopipe.infra.errors import TransientStorageError
 from audiopipe.infra.settings import RunSettings
 from audiopipe.infra.storage import StorageSpec, is_transient, open_fs
 from audiopipe.tasks.audio_io import WHOLE_READ_MAX_BYTES, AudioInfo, num_segments
-from audiopipe.tasks.extract import ItemResult, SourceFile, WorkItem, featurize_item, probe_item
+from audiopipe.tasks.extract import ItemResult, SourceFile, WorkItem, featurize_item, probe_item, us_to_datetime
 from audiopipe.tasks.features import FeatureConfig
 from audiopipe.tasks.progress import ProgressEvent, report
 from audiopipe.tasks.shards import FeaturePartWriter, OutputLayout, ShardPlan, manifest_table, now_utc, \
@@ -33,6 +35,10 @@ log = logging.getLogger(__name__)
 
 CHUNK_SECONDS = 600.0  # a long file is split into Dask tasks of ~10 minutes of audio
 WINDOW_PER_SHARD = 4   # items in flight per shard; results are consumed in order
+CRASH_CATEGORY = "worker crash"
+# Items whose worker died are retried one at a time across all shards of this process, so a file that
+# only shared a worker with a crashing file is never quarantined with it.
+_SUSPECT_LOCK = threading.Lock()
 
 
 @dataclass
@@ -65,7 +71,11 @@ class _FileState:
 
 
 def item_key(item: WorkItem) -> str:
-    """Stable Dask key of an item: ``featurize-<sha1(url, version, first segment)>``."""
+    """Stable Dask key prefix of an item: ``featurize-<sha1(url, version, first segment)>``.
+
+    Submissions append a per-attempt token: Dask would otherwise hand a retried shard the cached error
+    of its failed attempt while anything (a Prefect state's traceback) still holds the old future.
+    """
     blob = f"{item.source.url}\t{item.source.version}\t{item.first}".encode()
     return "featurize-" + hashlib.sha1(blob).hexdigest()[:24]
 
@@ -79,8 +89,9 @@ def _plan_items(client: Client, files: tuple[SourceFile, ...], cfg: FeatureConfi
                 states: dict[str, _FileState]) -> list[WorkItem]:
     """One item per small file; large files are probed (on a worker) and cut into chunks of segments."""
     large = [f for f in files if f.size > WHOLE_READ_MAX_BYTES]
-    probes = dict(zip((f.url for f in large), client.gather(
-        [client.submit(probe_item, f, storage, key="probe-" + item_key(WorkItem(f))) for f in large])))
+    attempt = uuid.uuid4().hex[:8]
+    futures = [client.submit(probe_item, f, storage, key=f"probe-{item_key(WorkItem(f))}-{attempt}") for f in large]
+    probes = dict(zip((f.url for f in large), client.gather(futures)))
     per_chunk = max(1, int(CHUNK_SECONDS // cfg.segment_seconds))
     items: list[WorkItem] = []
     for f in files:
@@ -101,12 +112,13 @@ def _results_in_order(client: Client, items: list[WorkItem], cfg: FeatureConfig,
     """Submit items through a sliding window; yield results in submission order."""
     queue: deque[tuple[WorkItem, Future]] = deque()
     todo = iter(items)
+    attempt = uuid.uuid4().hex[:8]
 
     def submit_next() -> None:
         item = next(todo, None)
         if item is not None:
-            queue.append((item, client.submit(featurize_item, item, cfg, storage, key=item_key(item),
-                                              retries=0)))
+            queue.append((item, client.submit(featurize_item, item, cfg, storage,
+                                              key=f"{item_key(item)}-{attempt}", retries=0)))
 
     for _ in range(window):
         submit_next()
@@ -125,9 +137,11 @@ def _resolve(item: WorkItem, future: Future) -> ItemResult:
     try:
         return future.result()
     except KilledWorker:
-        return ItemResult(url, reason="worker crash: the worker process died every time it processed this file "
-                                      "(crash or out of memory); quarantined")
+        future.release()
+        return ItemResult(url, reason=f"{CRASH_CATEGORY}: the worker process died every time it processed this "
+                                      "file (crash or out of memory); quarantined")
     except Exception as exc:
+        future.release()
         if is_transient(exc):
             raise TransientStorageError(f"storage failed while reading {url}: {exc}") from exc
         log.exception("unexpected error processing %s", url)
@@ -153,12 +167,17 @@ def run_shard(client: Client, plan: ShardPlan, cfg: FeatureConfig, storage: Stor
             report(ProgressEvent(files=1, rejected=1))
     writer = FeaturePartWriter(scratch_dir)
     try:
+        suspects = []
         for item, result in _results_in_order(client, items, cfg, storage, WINDOW_PER_SHARD):
-            state = states[item.source.url]
-            _absorb(state, result, writer)
-            if state.pending_items == 0:
-                report(ProgressEvent(files=1, audio_s=state.audio_s if state.reason is None else 0.0,
-                                     rejected=int(state.reason is not None)))
+            if result.reason and result.reason.startswith(CRASH_CATEGORY):
+                suspects.append(item)  # maybe only a bystander of the file that crashed the worker
+                continue
+            _absorb_and_report(states[item.source.url], result, writer)
+        # One suspect at a time in the whole run: a bystander succeeds, the real poison crashes again.
+        for suspect in suspects:
+            with _SUSPECT_LOCK:
+                for item, result in _results_in_order(client, [suspect], cfg, storage, window=1):
+                    _absorb_and_report(states[item.source.url], result, writer)
         drop = {url for url, s in states.items() if s.reason is not None}
         part = layout.features_part(plan.shard_id)
         num_rows = writer.publish(fs, part, drop) if any(s.reason is None for s in states.values()) else 0
@@ -168,6 +187,13 @@ def run_shard(client: Client, plan: ShardPlan, cfg: FeatureConfig, storage: Stor
     rows = [_manifest_row(s, cfg, layout.relative(part) if num_rows else None) for s in states.values()]
     write_table_atomic(fs, layout.manifest_part(plan.shard_id), manifest_table(rows))
     return _shard_result(plan, states, num_rows, time.perf_counter() - started)
+
+
+def _absorb_and_report(state: _FileState, result: ItemResult, writer: FeaturePartWriter) -> None:
+    _absorb(state, result, writer)
+    if state.pending_items == 0:
+        report(ProgressEvent(files=1, audio_s=state.audio_s if state.reason is None else 0.0,
+                             rejected=int(state.reason is not None)))
 
 
 def _absorb(state: _FileState, result: ItemResult, writer: FeaturePartWriter) -> None:
@@ -189,19 +215,13 @@ def _manifest_row(state: _FileState, cfg: FeatureConfig, shard: str | None) -> d
     f, info, ok = state.source, state.info, state.reason is None
     return {
         "source": f.url, "size": f.size, "etag": f.etag,
-        "mtime": None if f.mtime is None else _to_datetime(f.mtime),
+        "mtime": None if f.mtime_us is None else us_to_datetime(f.mtime_us),
         "status": "ok" if ok else "rejected", "reason": state.reason,
         "sample_rate": info.sample_rate if info else None, "channels": info.channels if info else None,
         "duration_s": (state.audio_s if ok else info.duration_s) if info else None,
         "n_segments": state.segments if ok else 0, "shard": shard if ok else None,
         "config_hash": cfg.config_hash, "audiopipe_version": audiopipe_version(), "processed_at": now_utc(),
     }
-
-
-def _to_datetime(ts: float):
-    from datetime import datetime, timezone
-
-    return datetime.fromtimestamp(ts, tz=timezone.utc)
 
 
 def _shard_result(plan: ShardPlan, states: dict[str, _FileState], num_rows: int, wall_s: float) -> ShardResult:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +32,29 @@ class SourceFile:
 
     @property
     def version(self) -> str:
-        return self.etag if self.etag else f"{self.mtime}:{self.size}"
+        return source_version(self.etag, self.mtime_us, self.size)
+
+    @property
+    def mtime_us(self) -> int | None:
+        """Modification time in whole microseconds since the epoch: the manifest's precision."""
+        return None if self.mtime is None else round(self.mtime * 1_000_000)
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def source_version(etag: str | None, mtime_us: int | None, size: int) -> str:
+    """What identifies one version of an object: its ETag, else its mtime (microseconds) and size."""
+    return etag if etag else f"{mtime_us}:{size}"
+
+
+def us_to_datetime(mtime_us: int) -> datetime:
+    """Exact microseconds -> aware UTC datetime (``datetime.fromtimestamp`` may round differently)."""
+    return EPOCH + timedelta(microseconds=mtime_us)
+
+
+def datetime_to_us(when: datetime) -> int:
+    return (when - EPOCH) // timedelta(microseconds=1)
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ class FeatureConfig:
             (16 <= self.n_fft <= 65_536, "n_fft must be between 16 and 65536 samples"),
             (1 <= self.hop_length <= self.n_fft, "hop_length must be between 1 and n_fft"),
             (1 <= self.n_mels <= self.n_fft // 2 + 1, "n_mels must be between 1 and n_fft/2+1"),
-            (1 <= self.n_mfcc <= self.n_mels, "n_mfcc must be between 1 and n_mels"),
+            (self.kind != "mfcc" or 1 <= self.n_mfcc <= self.n_mels, "n_mfcc must be between 1 and n_mels"),
             (0.5 <= self.segment_seconds <= 3_600, "segment_seconds must be between 0.5 and 3600"),
         ]
         for ok, message in checks:

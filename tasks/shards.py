@@ -94,6 +94,8 @@ def plan_shards(pending: list[SourceFile], files_per_shard: int) -> list[ShardPl
 def write_config(fs, layout: OutputLayout, cfg: FeatureConfig) -> None:
     """Record the partition's feature config beside its parts (idempotent)."""
     path = join(layout.features_dir, "_config.json")
+    if fs.exists(path):  # same hash, same content: a rerun writes nothing
+        return
     body = json.dumps({"contract_version": CONTRACT_VERSION, "config_hash": layout.config_hash,
                        "feature_config": cfg.to_dict()}, indent=2, sort_keys=True).encode()
     write_bytes_atomic(fs, path, body)
@@ -216,18 +218,31 @@ def reconcile(fs, layout: OutputLayout) -> dict[str, int]:
         fs.rm_file(path)
     manifest = read_manifest(fs, layout, ["source", "shard", "processed_at"])
     superseded = _superseded(manifest)
-    for shard_id, path in manifest_ids.items():
-        table = pq.read_table(io.BytesIO(fs.cat_file(path))) if superseded else None
-        if table is None:
-            continue
-        stale = pc.is_in(pc.binary_join_element_wise(table["source"], pc.cast(table["processed_at"], pa.string()),
-                                                     "\t"), pa.array(sorted(superseded)))
-        if not pc.any(stale).as_py():
-            continue
-        dropped = set(table.filter(stale)["source"].to_pylist())
-        _rewrite_features_without(fs, layout.features_part(shard_id), dropped)
-        write_table_atomic(fs, path, table.filter(pc.invert(stale)))
+    if superseded:
+        for shard_id, path in manifest_ids.items():
+            _drop_superseded(fs, layout, shard_id, path, superseded)
     return {"orphans_deleted": len(orphans), "rows_superseded": len(superseded)}
+
+
+def _drop_superseded(fs, layout: OutputLayout, shard_id: str, path: str, superseded: set[str]) -> None:
+    """Rewrite one shard without its superseded rows: features first, then the manifest (the commit).
+
+    A shard left with no rows is deleted whole, features part first.
+    """
+    table = pq.read_table(io.BytesIO(fs.cat_file(path)))
+    keys = pc.binary_join_element_wise(table["source"], pc.cast(table["processed_at"], pa.string()), "\t")
+    stale = pc.is_in(keys, pa.array(sorted(superseded)))
+    if not pc.any(stale).as_py():
+        return
+    kept = table.filter(pc.invert(stale))
+    features = layout.features_part(shard_id)
+    if kept.num_rows == 0:
+        if fs.exists(features):
+            fs.rm_file(features)
+        fs.rm_file(path)
+        return
+    _rewrite_features_without(fs, features, set(table.filter(stale)["source"].to_pylist()))
+    write_table_atomic(fs, path, kept)
 
 
 def _superseded(manifest: pa.Table) -> set[str]:
