@@ -82,6 +82,6 @@ def dask_cluster(tmp_path_factory, s3_store):
 
     with dask.config.set({"distributed.scheduler.allowed-failures": 2}):
         cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="2GiB",
-                               local_directory=str(tmp_path_factory.mktemp("dask")), dashboard_address=None)
+                               local_directory=str(tmp_path_factory.mktemp("dask")), dashboard_address="127.0.0.1:0")
     yield cluster
     cluster.close()

@@ -106,7 +106,7 @@ def wait_for(predicate, timeout_s: float, what: str) -> None:
 def own_cluster(tmp_path, s3_store):
     with dask.config.set({"distributed.scheduler.allowed-failures": 2}):
         cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="2GiB",
-                               local_directory=str(tmp_path / "dask"), dashboard_address=None)
+                               local_directory=str(tmp_path / "dask"), dashboard_address="127.0.0.1:0")
     yield cluster
     cluster.close()
 
