@@ -50,6 +50,11 @@ def _is_secret(key: str) -> bool:
     return k in _SECRET_KEYS or "secret" in k or "token" in k or "password" in k
 
 
+def secret_option_names(options: Mapping[str, Any]) -> set[str]:
+    """Names of the credential entries in ``options`` (``key``, ``secret``, ``token``...)."""
+    return {k for k in options if _is_secret(k)}
+
+
 def storage_spec_from_env(options_json: str | None = None, env: Mapping[str, str] | None = None) -> StorageSpec:
     """Build a ``StorageSpec`` from ``--storage-options`` JSON plus the standard AWS variables.
 

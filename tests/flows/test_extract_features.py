@@ -146,3 +146,12 @@ def test_other_feature_config_gets_its_own_partition(s3fs_client, bucket, dask_c
         assert set(table["config_hash"].to_pylist()) == {cfg.config_hash}
         assert len(table["features"][0].as_py()[0]) == bins
     assert logmel.config_hash != mfcc.config_hash
+
+
+def test_credentials_as_flow_parameters_are_refused(tmp_path, prefect_api):
+    from audiopipe.infra.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="credentials"):
+        featurize(str(tmp_path), str(tmp_path / "out"), feature_config=FeatureConfig(),
+                  settings=RunSettings(work_dir=tmp_path / "work"),
+                  storage_options={"endpoint_url": "http://127.0.0.1:1", "secret": "do-not-store"})
