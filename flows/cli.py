@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from audiopipe.flows.models_cli import models_app
 from audiopipe.infra.errors import AudiopipeError, ConfigError
 from audiopipe.infra.settings import RunSettings, apply_prefect_defaults
 
@@ -27,6 +28,7 @@ app = typer.Typer(help="audiopipe: audio archives in object storage -> features 
 store_app = typer.Typer(help="Run a local SeaweedFS S3 server (for the demo, tests and local clusters).",
                         no_args_is_help=True)
 app.add_typer(store_app, name="store")
+app.add_typer(models_app, name="models")
 console = Console(stderr=True)
 
 # Option name in the CLI/config file -> (section, field). Config files use the same keys as the options.

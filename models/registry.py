@@ -1,0 +1,707 @@
+"""Models: the model registry — trained ``.keras`` files with their cards, aliases and promotion decisions.
+
+In: a Keras model (or a saved ``.keras`` file) plus its provenance (metrics, feature config, training data,
+normalisation statistics, vocabulary/classes, params and history). Out: ``ModelRef``s, checksum-verified
+local copies and loaded models. The registry lives at any fsspec URL (``s3://``, ``file://``, a path,
+``memory://``); its layout and JSON contracts are in ``docs/registry.md`` (``REGISTRY_CONTRACT_VERSION``).
+
+One writer per model name at a time (the training or retraining flow); any number of readers. A version
+is committed when its ``card.json`` lands, after ``model.keras``; a version folder without a card is
+invisible and is removed by the next ``register``. No Prefect or Dask here, and Keras is imported only to
+save a model object or load one.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import socket
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from audiopipe.infra.errors import AudiopipeError, ConfigError
+from audiopipe.infra.storage import (StorageSpec, describe_storage_error, join, open_fs, to_url,
+                                     write_bytes_atomic)
+from audiopipe.infra.version import audiopipe_version
+
+log = logging.getLogger(__name__)
+
+REGISTRY_CONTRACT_VERSION = 1
+ACCEPTED_CARD_VERSIONS = (1,)
+MODEL_FAMILIES = ("asr", "classify", "music", "separate")
+MODEL_FILE, CARD_FILE, ALIASES_FILE = "model.keras", "card.json", "aliases.json"
+LATEST = "latest"
+CHAMPION = "champion"
+# Floating-point slack when an improvement equals the margin exactly (0.93 - 0.92 is not exactly 0.01).
+MARGIN_EPS = 1e-12
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_REF_FORMS = "NAME@N (a version number), NAME@ALIAS (e.g. NAME@champion) or NAME@latest"
+
+
+class RegistryError(AudiopipeError):
+    """A model ref, name, alias or version is not usable as asked, or the registry's files are inconsistent."""
+
+
+class IntegrityError(RegistryError):
+    """A model file does not match the size and sha256 on its card; it is never loaded."""
+
+
+# ---------------------------------------------------------------- refs
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """One committed version of one model in one registry; ``str()`` gives ``REGISTRY_URL:NAME@VERSION``."""
+
+    registry_url: str
+    name: str
+    version: int
+
+    def __str__(self) -> str:
+        return f"{self.registry_url}:{self.short}"
+
+    @property
+    def short(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class ParsedRef:
+    """A ref as written: ``[REGISTRY_URL:]NAME[@SELECTOR]``; selector is a version number, an alias or ``latest``."""
+
+    registry_url: str | None
+    name: str
+    selector: str | None
+
+
+def parse_model_ref(text: str, *, require_selector: bool = True) -> ParsedRef:
+    """Split ``s3://bucket/reg:asr@champion``, ``/data/reg:asr@3`` or ``asr@latest`` into its parts.
+
+    The registry URL is everything before the last ``:`` whose tail holds no ``/``, so URLs with a scheme
+    work unchanged. Raises:
+        RegistryError: for an empty or malformed ref, naming the accepted forms.
+    """
+    text = text.strip()
+    url, sep, tail = text.rpartition(":")
+    if not sep or "/" in tail:
+        url, tail = "", text
+    elif not url:
+        raise RegistryError(f"model ref {text!r} has an empty registry URL before ':'.")
+    name, at, selector = tail.partition("@")
+    check_name(name, what="model name")
+    if at and not selector or (require_selector and not at):
+        raise RegistryError(f"model ref {text!r} names no version: write {_REF_FORMS}, optionally prefixed "
+                            "with REGISTRY_URL: (e.g. s3://bucket/registry:asr@champion).")
+    if selector and not selector.isdigit():
+        check_name(selector, what="alias")
+    return ParsedRef(url or None, name, selector or None)
+
+
+def check_name(name: str, *, what: str) -> str:
+    """Model and alias names are lower-kebab: ``[a-z0-9][a-z0-9_-]*``, at most 64 characters."""
+    if not _NAME_RE.match(name):
+        raise RegistryError(f"invalid {what} {name!r}: use lowercase letters, digits, '-' and '_' "
+                            "(starting with a letter or digit, at most 64 characters).")
+    return name
+
+
+# ---------------------------------------------------------------- the card
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The exact training data: feature shard URLs (content-named by featurize), a hash over them, the manifest's."""
+
+    shards: tuple[str, ...]
+    shards_hash: str
+    manifest_hash: str | None = None
+
+    @classmethod
+    def of(cls, shards: Sequence[str], manifest_hash: str | None = None) -> TrainingData:
+        """Sorted, de-duplicated shard URLs and their hash (``shards_hash_of``)."""
+        unique = tuple(sorted(set(shards)))
+        return cls(unique, shards_hash_of(unique), manifest_hash)
+
+
+def shards_hash_of(shards: Sequence[str]) -> str:
+    """sha256 hex over the sorted shard URLs joined by newlines."""
+    return hashlib.sha256("\n".join(sorted(set(shards))).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-feature statistics applied as ``(x - mean) / std``; one value per feature bin."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, mean: Any, std: Any) -> Normalization:
+        m, s = (np.asarray(a, dtype=np.float64).ravel() for a in (mean, std))
+        if m.shape != s.shape or not np.isfinite(m).all() or not np.isfinite(s).all():
+            raise RegistryError(f"normalisation stats must be finite and of equal length (mean {m.shape}, "
+                                f"std {s.shape}).")
+        return cls(tuple(m.tolist()), tuple(s.tolist()))
+
+
+def feature_config_hash(config: Mapping[str, Any]) -> str:
+    """12 hex chars of sha256 over the config as canonical JSON, ``n_mfcc`` left out for ``kind=logmel``.
+
+    The same rule as ``tasks.features.FeatureConfig.config_hash``, so a card's hash names the feature
+    partition (``features/config=<hash>``) the model was trained on.
+    """
+    data = dict(config)
+    if data.get("kind") == "logmel":
+        data.pop("n_mfcc", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Everything needed to trust, reproduce and use one registered model (``card.json``).
+
+    ``metrics`` are on the test split; ``history`` maps a Keras metric name to one value per epoch
+    (non-finite epochs stored as null); ``model_sha256``/``model_size`` are those of ``model.keras``.
+    """
+
+    name: str
+    version: int
+    created_at: str
+    model_family: str
+    model_sha256: str
+    model_size: int
+    metrics: Mapping[str, float]
+    feature_config: Mapping[str, Any]
+    feature_config_hash: str
+    training_data: TrainingData
+    normalization: Normalization | None = None
+    vocabulary: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()
+    code_version: str = ""
+    params: Mapping[str, Any] = field(default_factory=dict)
+    history: Mapping[str, tuple[float | None, ...]] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    card_version: int = REGISTRY_CONTRACT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(_dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelCard:
+        """Raises RegistryError for an unknown card version, unknown or missing keys."""
+        version = data.get("card_version")
+        if version not in ACCEPTED_CARD_VERSIONS:
+            raise RegistryError(f"card version {version!r} is not one this audiopipe reads "
+                                f"({ACCEPTED_CARD_VERSIONS}); upgrade audiopipe.")
+        known = {f.name for f in fields(cls)}
+        if set(data) - known:
+            raise RegistryError(f"card has unknown keys {sorted(set(data) - known)}.")
+        d = dict(data)
+        try:
+            d["training_data"] = TrainingData(**{**d["training_data"], "shards": tuple(d["training_data"]["shards"])})
+            if d.get("normalization") is not None:
+                d["normalization"] = Normalization(tuple(d["normalization"]["mean"]), tuple(d["normalization"]["std"]))
+            d["vocabulary"], d["classes"] = tuple(d.get("vocabulary", ())), tuple(d.get("classes", ()))
+            d["history"] = {k: tuple(v) for k, v in d.get("history", {}).items()}
+            return cls(**d)
+        except (KeyError, TypeError) as exc:
+            raise RegistryError(f"card is missing or mistypes a field: {exc}") from exc
+
+
+# ---------------------------------------------------------------- decisions
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One champion/challenger comparison (``decisions/<at>-v<challenger>.json``), recorded whatever its outcome."""
+
+    name: str
+    at: str
+    alias: str
+    metric: str
+    higher_is_better: bool
+    margin: float
+    champion_version: int | None
+    challenger_version: int
+    champion_metrics: Mapping[str, float]
+    challenger_metrics: Mapping[str, float]
+    decision: str  # "promote" or "keep"
+    reason: str
+    actor: str
+    challenger_training_data: Mapping[str, Any] = field(default_factory=dict)
+    evaluation: Mapping[str, Any] = field(default_factory=dict)
+    decision_version: int = REGISTRY_CONTRACT_VERSION
+
+    @property
+    def promoted(self) -> bool:
+        return self.decision == "promote"
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(_dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Decision:
+        if data.get("decision_version") not in ACCEPTED_CARD_VERSIONS:
+            raise RegistryError(f"decision record version {data.get('decision_version')!r} is not one this "
+                                f"audiopipe reads ({ACCEPTED_CARD_VERSIONS}).")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise RegistryError(f"decision record does not match the contract: {exc}") from exc
+
+
+def decide(champion: float | None, challenger: float, *, higher_is_better: bool, margin: float) -> tuple[bool, str]:
+    """Promote iff the challenger beats the champion by at least ``margin`` (absolute, in metric units).
+
+    Returns ``(promote, reason)``. No champion, or a non-finite one, means promote; a non-finite challenger
+    means keep; equal values never promote, even with ``margin=0``.
+    """
+    if not (math.isfinite(margin) and margin >= 0):
+        raise ConfigError(f"margin must be a finite number >= 0 (got {margin}).")
+    if not math.isfinite(challenger):
+        return False, f"challenger value {challenger} is not finite"
+    if champion is None or not math.isfinite(champion):
+        return True, "no usable champion" if champion is None else f"champion value {champion} is not finite"
+    gain = challenger - champion if higher_is_better else champion - challenger
+    verdict = gain > 0 and gain + MARGIN_EPS >= margin
+    word = "beats" if verdict else "does not beat"
+    return verdict, f"challenger {challenger:.6g} {word} champion {champion:.6g} by margin {margin:g} (gain {gain:.6g})"
+
+
+# ---------------------------------------------------------------- the registry
+
+
+class Registry:
+    """A model registry rooted at ``url``; see ``docs/registry.md`` for the layout.
+
+    Pickles as its URL and ``StorageSpec`` (Dask workers reopen the filesystem).
+    """
+
+    def __init__(self, url: str, storage: StorageSpec | None = None) -> None:
+        self.storage = storage or StorageSpec()
+        self._fs, self._root = open_fs(url, self.storage)
+        self.url = to_url(self._fs, self._root)
+
+    def __reduce__(self):
+        return (Registry, (self.url, self.storage))
+
+    def __repr__(self) -> str:
+        return f"Registry({self.url!r})"
+
+    # -- paths and listing
+    def _path(self, name: str, *parts: str) -> str:
+        return join(self._root, name, *parts)
+
+    def _vdir(self, name: str, version: int) -> str:
+        return self._path(name, "versions", f"{version:04d}")
+
+    def _numbered_dirs(self, name: str) -> list[int]:
+        base = self._path(name, "versions")
+        with self._storage(base):
+            self._fs.invalidate_cache(base)
+            if not self._fs.isdir(base):
+                return []
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self._fs.ls(base, detail=False)]
+        return sorted(int(n) for n in names if n.isdigit())
+
+    def list_models(self) -> list[str]:
+        """Names of models with at least one committed version, sorted."""
+        with self._storage(self.url):
+            self._fs.invalidate_cache(self._root)
+            if not self._fs.isdir(self._root):
+                return []
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self._fs.ls(self._root, detail=False)]
+        return sorted(n for n in names if _NAME_RE.match(n) and self.list_versions(n))
+
+    def list_versions(self, name: str) -> list[int]:
+        """Committed versions (those with a ``card.json``), ascending."""
+        check_name(name, what="model name")
+        with self._storage(self._path(name)):
+            self._fs.invalidate_cache(self._path(name))
+            cards = self._fs.glob(self._path(name, "versions", "*", CARD_FILE))
+        numbers = (c.rstrip("/").rsplit("/", 2)[-2] for c in cards)
+        return sorted(int(n) for n in numbers if n.isdigit())
+
+    def incomplete_versions(self, name: str) -> list[int]:
+        """Version folders without a card: a register that died before its commit."""
+        done = set(self.list_versions(name))
+        return [v for v in self._numbered_dirs(name) if v not in done]
+
+    def clean_incomplete(self, name: str) -> list[int]:
+        """Remove uncommitted version folders (safe only with one writer per model name, the contract)."""
+        removed = self.incomplete_versions(name)
+        for v in removed:
+            log.warning("removing uncommitted version folder %s", to_url(self._fs, self._vdir(name, v)))
+            with self._storage(self._vdir(name, v)):
+                self._fs.rm(self._vdir(name, v), recursive=True)
+        return removed
+
+    # -- refs
+    def resolve(self, ref: str | ModelRef | ParsedRef) -> ModelRef:
+        """``NAME@N``, ``NAME@ALIAS``, ``NAME@latest`` (optionally ``URL:``-prefixed) -> a committed version."""
+        if isinstance(ref, ModelRef):
+            ref = ParsedRef(ref.registry_url, ref.name, str(ref.version))
+        parsed = parse_model_ref(ref) if isinstance(ref, str) else ref
+        if parsed.registry_url and Registry(parsed.registry_url, self.storage).url != self.url:
+            raise RegistryError(f"ref {parsed.registry_url}:{parsed.name} points at another registry than {self.url}.")
+        versions = self.list_versions(parsed.name)
+        selector = parsed.selector or LATEST
+        if not versions:
+            raise RegistryError(f"model {parsed.name!r} has no versions in {self.url}.")
+        if selector == LATEST:
+            version = versions[-1]
+        elif selector.isdigit():
+            version = int(selector)
+        else:
+            aliases = self.aliases(parsed.name)
+            if selector not in aliases:
+                raise RegistryError(f"model {parsed.name!r} has no alias {selector!r} in {self.url}; aliases: "
+                                    f"{_listing(aliases) or 'none'}. Use {_REF_FORMS}.")
+            version = aliases[selector]
+        if version not in versions:
+            raise RegistryError(f"{parsed.name}@{version} is not a committed version in {self.url}; "
+                                f"versions: {', '.join(map(str, versions))}.")
+        return ModelRef(self.url, parsed.name, version)
+
+    def get_card(self, ref: str | ModelRef | ParsedRef) -> ModelCard:
+        ref = self.resolve(ref)
+        path = join(self._vdir(ref.name, ref.version), CARD_FILE)
+        card = ModelCard.from_dict(self._read_json(path, required=True))
+        if (card.name, card.version) != (ref.name, ref.version):
+            raise RegistryError(f"{to_url(self._fs, path)} describes {card.name}@{card.version}, not {ref.short}.")
+        return card
+
+    # -- writing versions
+    def register(self, name: str, model: Any, *, family: str, metrics: Mapping[str, float],
+                 feature_config: Mapping[str, Any], training_data: TrainingData,
+                 normalization: Normalization | None = None, vocabulary: Sequence[str] = (),
+                 classes: Sequence[str] = (), params: Mapping[str, Any] | None = None,
+                 history: Mapping[str, Sequence[float]] | None = None, extra: Mapping[str, Any] | None = None,
+                 config_hash: str | None = None) -> ModelRef:
+        """Store ``model`` (a ``keras.Model`` or a ``.keras`` file path/URL) as the next version of ``name``.
+
+        ``model.keras`` is written first, ``card.json`` last (the commit). Returns the new ``ModelRef``.
+        Raises:
+            RegistryError: bad name/family, non-finite metrics, a file that is not a ``.keras`` archive,
+                or another writer committing the same version concurrently.
+        """
+        check_name(name, what="model name")
+        if family not in MODEL_FAMILIES:
+            raise RegistryError(f"unknown model family {family!r}; choose one of {', '.join(MODEL_FAMILIES)}.")
+        blob = self._model_bytes(model)
+        self.clean_incomplete(name)
+        version = max(self.list_versions(name), default=0) + 1
+        card = ModelCard(
+            name=name, version=version, created_at=_now(), model_family=family,
+            model_sha256=hashlib.sha256(blob).hexdigest(), model_size=len(blob), metrics=_finite(metrics),
+            feature_config=dict(feature_config), feature_config_hash=config_hash or feature_config_hash(feature_config),
+            training_data=training_data, normalization=normalization, vocabulary=tuple(vocabulary),
+            classes=tuple(classes), code_version=audiopipe_version(), params=dict(params or {}),
+            history={str(k): tuple(_none_if_nan(x) for x in v) for k, v in (history or {}).items()},
+            extra=dict(extra or {}))
+        card_bytes = _dumps(card.to_dict())  # fails on unserialisable fields before anything is written
+        vdir = self._vdir(name, version)
+        with self._storage(to_url(self._fs, vdir)):
+            write_bytes_atomic(self._fs, join(vdir, MODEL_FILE), blob)
+            if self._fs.exists(join(vdir, CARD_FILE)):
+                raise RegistryError(f"{name}@{version} was committed by another writer meanwhile; "
+                                    "run one writer per model name at a time.")
+            write_bytes_atomic(self._fs, join(vdir, CARD_FILE), card_bytes)
+        log.info("registered %s:%s@%d (%d bytes)", self.url, name, version, len(blob))
+        return ModelRef(self.url, name, version)
+
+    def _model_bytes(self, model: Any) -> bytes:
+        if isinstance(model, (str, os.PathLike)):
+            src = str(model)
+            if not src.endswith(".keras"):
+                raise RegistryError(f"{src} is not a .keras file; save the model with model.save('x.keras').")
+            fs, path = open_fs(src, self.storage)
+            with self._storage(src):
+                blob = fs.cat_file(path)
+        elif hasattr(model, "save") and hasattr(model, "get_config"):
+            with tempfile.TemporaryDirectory(prefix="audiopipe-register-") as tmp:
+                model.save(Path(tmp) / MODEL_FILE)
+                blob = (Path(tmp) / MODEL_FILE).read_bytes()
+        else:
+            raise RegistryError(f"cannot register a {type(model).__name__}: pass a keras.Model or a .keras path.")
+        if not blob.startswith(b"PK"):
+            raise RegistryError(f"{model} is not a .keras archive (a zip file); refusing to register it.")
+        return blob
+
+    # -- fetching and loading
+    def fetch(self, ref: str | ModelRef, cache_dir: str | Path) -> tuple[Path, ModelCard]:
+        """Download ``model.keras`` into ``cache_dir`` and verify its size and sha256 against the card.
+
+        A verified copy already in the cache is reused (checked again); a damaged one is replaced.
+        Raises:
+            IntegrityError: the stored file does not match its card (it is deleted locally, never loaded).
+        """
+        ref = self.resolve(ref)
+        card = self.get_card(ref)
+        target = Path(cache_dir) / ref.name / f"{ref.version:04d}-{card.model_sha256[:12]}" / MODEL_FILE
+        if target.exists():
+            try:
+                verify_file(target, sha256=card.model_sha256, size=card.model_size)
+                return target, card
+            except IntegrityError as exc:
+                log.warning("cached copy damaged, fetching again: %s", exc)
+                target.unlink(missing_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remote = join(self._vdir(ref.name, ref.version), MODEL_FILE)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".download-", suffix=".part")
+        os.close(fd)
+        try:
+            with self._storage(to_url(self._fs, remote)):
+                self._fs.get_file(remote, tmp)
+            verify_file(Path(tmp), sha256=card.model_sha256, size=card.model_size, label=to_url(self._fs, remote))
+            os.replace(tmp, target)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return target, card
+
+    def load(self, ref: str | ModelRef, local_cache_dir: str | Path, *, compile: bool = False,
+             custom_objects: Mapping[str, Any] | None = None) -> tuple[Any, ModelCard]:
+        """Fetch and verify (``fetch``), then ``keras.saving.load_model(path, safe_mode=True)``.
+
+        ``compile=False`` by default: inference needs no optimizer, and training code recompiles.
+        Raises:
+            IntegrityError: checksum or size mismatch (nothing is loaded).
+            RegistryError: Keras refuses the verified file (e.g. a Lambda layer under safe mode).
+        """
+        path, card = self.fetch(ref, local_cache_dir)
+        import keras
+
+        try:
+            model = keras.saving.load_model(path, custom_objects=dict(custom_objects or {}), compile=compile,
+                                            safe_mode=True)
+        except (ValueError, TypeError) as exc:
+            raise RegistryError(f"{card.name}@{card.version} passed its checksum but Keras cannot load it in safe "
+                                f"mode: {exc}. Custom layers must be registered with "
+                                "keras.saving.register_keras_serializable (Lambda layers are refused).") from exc
+        return model, card
+
+    # -- aliases
+    def _alias_doc(self, name: str) -> dict[str, Any]:
+        doc = self._read_json(self._path(name, ALIASES_FILE), required=False) or {}
+        return {"aliases_version": REGISTRY_CONTRACT_VERSION, "aliases": {}, "history": [], **doc}
+
+    def aliases(self, name: str) -> dict[str, int]:
+        return {k: int(v) for k, v in self._alias_doc(check_name(name, what="model name"))["aliases"].items()}
+
+    def alias_history(self, name: str) -> list[dict[str, Any]]:
+        """Every alias move, oldest first: ``{alias, version, previous, at, reason, actor, action}``."""
+        return list(self._alias_doc(check_name(name, what="model name"))["history"])
+
+    def promote(self, name: str, version: int | str, *, alias: str = CHAMPION, reason: str = "",
+                actor: str | None = None) -> ModelRef:
+        """Point ``alias`` at ``version`` (a number, alias or ``latest``); a no-op if it already points there."""
+        check_name(alias, what="alias")
+        if alias == LATEST:
+            raise RegistryError("'latest' is computed, not an alias that can be moved.")
+        ref = self.resolve(ParsedRef(None, name, str(version)))
+        current = self.aliases(name).get(alias)
+        if current != ref.version:
+            self._move_alias(name, alias, ref.version, current, reason, actor, "promote")
+        return ref
+
+    def rollback(self, name: str, *, alias: str = CHAMPION, reason: str = "", actor: str | None = None) -> ModelRef:
+        """Move ``alias`` back to the version it held before its current one (repeatable, like an undo stack).
+
+        Raises:
+            RegistryError: the alias has no earlier version.
+        """
+        current = self.aliases(name).get(alias)
+        stack = _alias_stack(self.alias_history(name), alias)
+        if current is None or len(stack) < 2:
+            raise RegistryError(f"{name}@{alias} has no earlier version to roll back to "
+                                f"(current: {current if current is not None else 'unset'}).")
+        target = self.resolve(ParsedRef(None, name, str(stack[-2])))
+        self._move_alias(name, alias, target.version, current, reason or "rollback", actor, "rollback")
+        return target
+
+    def _move_alias(self, name: str, alias: str, version: int, previous: int | None, reason: str,
+                    actor: str | None, action: str) -> None:
+        doc = self._alias_doc(name)
+        doc["aliases"] = {**doc["aliases"], alias: version}
+        doc["history"] = [*doc["history"], {"alias": alias, "version": version, "previous": previous, "at": _now(),
+                                            "reason": reason, "actor": actor or default_actor(), "action": action}]
+        with self._storage(self._path(name, ALIASES_FILE)):
+            write_bytes_atomic(self._fs, self._path(name, ALIASES_FILE), _dumps(doc))
+        log.info("%s: %s %s -> %d (%s)", name, alias, previous, version, action)
+
+    # -- decisions
+    def record_decision(self, decision: Decision) -> str:
+        """Write ``decisions/<at>-v<challenger>.json``; returns its URL."""
+        stamp = decision.at.replace("-", "").replace(":", "")
+        path = self._path(decision.name, "decisions", f"{stamp}-v{decision.challenger_version:04d}.json")
+        with self._storage(to_url(self._fs, path)):
+            write_bytes_atomic(self._fs, path, _dumps(decision.to_dict()))
+        return to_url(self._fs, path)
+
+    def list_decisions(self, name: str) -> list[Decision]:
+        """Recorded decisions for ``name``, oldest first."""
+        with self._storage(self._path(name)):
+            paths = sorted(self._fs.glob(self._path(check_name(name, what="model name"), "decisions", "*.json")))
+        return [Decision.from_dict(self._read_json(p, required=True)) for p in paths]
+
+    def compare_and_promote(self, name: str, challenger_version: int | str, *, metric: str, higher_is_better: bool,
+                            margin: float = 0.0, alias: str = CHAMPION,
+                            champion_metrics: Mapping[str, float] | None = None,
+                            challenger_metrics: Mapping[str, float] | None = None,
+                            evaluation: Mapping[str, Any] | None = None, actor: str | None = None) -> Decision:
+        """Promote the challenger to ``alias`` only if better by ``margin``; record the decision either way.
+
+        Pass both metric sets when they were recomputed on one fixed held-out set (``evaluation`` says which);
+        otherwise each card's test-split metrics are used. The decision is written before the alias moves.
+        """
+        challenger = self.resolve(ParsedRef(None, name, str(challenger_version)))
+        champion_version = self.aliases(name).get(alias)
+        if champion_version == challenger.version:
+            raise RegistryError(f"{challenger.short} already is {name}@{alias}; nothing to compare.")
+        ch_card = self.get_card(challenger)
+        ch_metrics = {str(k): float(v) for k, v in (challenger_metrics or ch_card.metrics).items()}
+        champ_metrics: dict[str, float] = {}
+        if champion_version is not None:
+            given = champion_metrics or self.get_card(ModelRef(self.url, name, champion_version)).metrics
+            champ_metrics = {str(k): float(v) for k, v in given.items()}
+        for label, m in (("challenger", ch_metrics), ("champion", champ_metrics)):
+            if metric not in m and (label == "challenger" or champion_version is not None):
+                raise RegistryError(f"{label} metrics have no {metric!r}; they have {', '.join(sorted(m)) or 'none'}.")
+        promote, why = decide(champ_metrics.get(metric), ch_metrics[metric], higher_is_better=higher_is_better,
+                              margin=margin)
+        decision = Decision(name=name, at=_now(), alias=alias, metric=metric, higher_is_better=higher_is_better,
+                            margin=float(margin), champion_version=champion_version,
+                            challenger_version=challenger.version, champion_metrics=_nulls(champ_metrics),
+                            challenger_metrics=_nulls(ch_metrics), decision="promote" if promote else "keep",
+                            reason=why, actor=actor or default_actor(),
+                            challenger_training_data=json.loads(_dumps(asdict(ch_card.training_data))),
+                            evaluation=dict(evaluation or {}))
+        url = self.record_decision(decision)
+        if promote:
+            self.promote(name, challenger.version, alias=alias, reason=f"{why}; decision {url}", actor=decision.actor)
+        return decision
+
+    # -- storage helpers
+    def _read_json(self, path: str, *, required: bool) -> Any:
+        with self._storage(to_url(self._fs, path)):
+            try:
+                raw = self._fs.cat_file(path)
+            except FileNotFoundError:
+                if required:
+                    raise RegistryError(f"{to_url(self._fs, path)} does not exist.") from None
+                return None
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RegistryError(f"{to_url(self._fs, path)} is not valid JSON ({exc}).") from exc
+
+    @contextmanager
+    def _storage(self, url: str) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            raise describe_storage_error(url, exc) from exc
+
+
+def open_model_ref(text: str, storage: StorageSpec | None = None, *,
+                   default_registry: str | None = None) -> tuple[Registry, ModelRef]:
+    """``REGISTRY_URL:NAME@SELECTOR`` (or ``NAME@SELECTOR`` with ``default_registry``) -> registry and version."""
+    parsed = parse_model_ref(text)
+    url = parsed.registry_url or default_registry
+    if not url:
+        raise RegistryError(f"model ref {text!r} names no registry: write REGISTRY_URL:{parsed.name}@... "
+                            "or give the registry URL separately.")
+    registry = Registry(url, storage)
+    return registry, registry.resolve(ParsedRef(None, parsed.name, parsed.selector))
+
+
+def verify_file(path: Path, *, sha256: str, size: int, label: str | None = None) -> None:
+    """Raise ``IntegrityError`` unless ``path`` has exactly ``size`` bytes and the given sha256."""
+    digest, actual_size = hashlib.sha256(), 0
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+            actual_size += len(chunk)
+    actual = digest.hexdigest()
+    if actual_size != size or actual != sha256:
+        what = "is truncated or padded" if actual_size != size else "was modified after registration"
+        raise IntegrityError(f"{label or path} {what}: expected sha256 {sha256} ({size} bytes), got sha256 {actual} "
+                             f"({actual_size} bytes). It was not loaded; restore the file or register the model again.")
+
+
+def default_actor() -> str:
+    """``user@host`` of this process, recorded with every alias move and decision."""
+    try:
+        return f"{getpass.getuser()}@{socket.gethostname()}"
+    except (KeyError, OSError):
+        return f"unknown@{socket.gethostname()}"
+
+
+def _alias_stack(history: Sequence[Mapping[str, Any]], alias: str) -> list[int]:
+    """Replay promotions (push) and rollbacks (pop) of one alias; the top is its current version."""
+    stack: list[int] = []
+    for entry in history:
+        if entry["alias"] != alias:
+            continue
+        version = int(entry["version"])
+        if entry.get("action") == "rollback":
+            stack = stack[:-1]
+            if not stack or stack[-1] != version:  # tolerate a hand-edited history
+                stack = [*stack, version]
+        else:
+            stack = [*stack, version]
+    return stack
+
+
+def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = {str(k): float(v) for k, v in metrics.items()}
+    bad = [k for k, v in out.items() if not math.isfinite(v)]
+    if bad:
+        raise RegistryError(f"metrics {bad} are not finite; a model with NaN/inf metrics cannot be registered.")
+    return out
+
+
+def _nulls(metrics: Mapping[str, float]) -> dict[str, float | None]:
+    """Non-finite values become null: JSON has no NaN, and a diverged challenger is still recorded."""
+    return {k: _none_if_nan(v) for k, v in metrics.items()}
+
+
+def _none_if_nan(x: Any) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _listing(aliases: Mapping[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(aliases.items()))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays
+        return obj.tolist()
+    if isinstance(obj, (Path, set, frozenset)):
+        return str(obj) if isinstance(obj, Path) else sorted(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _dumps(obj: Any) -> bytes:
+    try:
+        return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False, default=_json_default).encode()
+    except (TypeError, ValueError) as exc:
+        raise RegistryError(f"cannot write registry record: {exc} (params/extra must be JSON values, "
+                            "metrics finite).") from exc
