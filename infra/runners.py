@@ -20,6 +20,15 @@ from audiopipe.infra.settings import RunSettings
 
 log = logging.getLogger(__name__)
 
+# One BLAS/OpenMP thread per single-threaded worker process (two oversubscribed processes gained nothing
+# here; pinned, they ran ~1.9x one). Dask's default MALLOC_TRIM_THRESHOLD_=65536 makes glibc unmap and
+# remap every large numpy temporary: the same feature loop ran ~35% slower with it, so the thresholds are
+# raised (a worker may keep up to ~64 MB of freed memory for reuse).
+WORKER_ENVIRON = {
+    "OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1,
+    "MALLOC_TRIM_THRESHOLD_": 64 * 1024 * 1024, "MALLOC_MMAP_THRESHOLD_": 32 * 1024 * 1024,
+}
+
 
 @contextmanager
 def dask_client(settings: RunSettings) -> Iterator[Client]:
@@ -33,7 +42,8 @@ def dask_client(settings: RunSettings) -> Iterator[Client]:
     """
     logging.getLogger("distributed").setLevel(logging.WARNING)  # per-worker INFO chatter drowns the run's logs
     retries = {"distributed.scheduler.allowed-failures": settings.max_attempts_per_file - 1,
-               "distributed.worker.memory.terminate": 0.95}
+               "distributed.worker.memory.terminate": 0.95,
+               "distributed.nanny.pre-spawn-environ": WORKER_ENVIRON}
     if settings.dask_address:
         try:
             client = Client(settings.dask_address, timeout="15s")

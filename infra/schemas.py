@@ -74,3 +74,34 @@ def validate_table(table: pa.Table | pa.RecordBatch, schema: pa.Schema) -> None:
         bad = set(table.column("status").to_pylist()) - set(MANIFEST_STATUSES)
         if bad:
             raise SchemaError(f"manifest status has values {sorted(bad)}, allowed {MANIFEST_STATUSES}")
+
+# One row per file that `audiopipe synth` writes (audio or MIDI), keyed by the same ``source`` URL as the
+# manifest. Documented in docs/data-contracts.md ("LABELS_V1"); allowed values of the categorical columns are
+# ``LABELS_KINDS``, ``LABELS_MEDIA`` and ``LABELS_SPLITS`` (checked by ``audiopipe.tasks.corpora.labels_table``).
+LABELS_V1 = pa.schema(
+    [
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("media", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("label", pa.string()),
+        pa.field("text", pa.string()),
+        pa.field("voice", pa.string()),
+        pa.field("engine", pa.string(), nullable=False),
+        pa.field("augment", pa.list_(pa.string()), nullable=False),
+        pa.field("snr_db", pa.float64()),
+        pa.field("duration_s", pa.float64()),
+        pa.field("sample_rate", pa.int32()),
+        pa.field("stems", pa.string()),
+        pa.field("midi", pa.string()),
+        pa.field("note_pitches", pa.list_(pa.int16())),
+        pa.field("note_durations_ql", pa.list_(pa.float32())),
+        pa.field("params", pa.string(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+    ],
+    metadata={"audiopipe.contract": "labels", "audiopipe.contract_version": str(CONTRACT_VERSION)},
+)
+
+LABELS_KINDS = ("speech", "sounds", "music", "mixtures")
+LABELS_MEDIA = ("audio", "midi")
+LABELS_SPLITS = ("train", "val", "test")

@@ -15,7 +15,7 @@ cd "$ROOT"
 
 VENV="${AUDIOPIPE_VENV:-.venv}"
 STAMP="$VENV/.audiopipe-stamp"
-APT_PACKAGES=(espeak-ng sox flite fluidsynth fluid-soundfont-gm libsndfile1)
+APT_PACKAGES=(espeak-ng sox flite fluidsynth fluid-soundfont-gm fortunes wamerican libsndfile1)
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
 die() { printf '[bootstrap] ERROR: %s\n' "$*" >&2; exit 1; }

@@ -93,8 +93,9 @@ class _GuardedReader(io.RawIOBase):
         super().close()
 
 
-def open_source(fs, path: str, size: int) -> io.IOBase:
-    """Open ``path`` for decoding: whole bytes in memory when small, a guarded range reader when large.
+def open_source(fs, path: str, size: int, *, stream: bool = False) -> io.IOBase:
+    """Open ``path`` for decoding: whole bytes in memory when small, a guarded range reader when large
+    or when ``stream`` asks for it (a header probe, or one chunk of a long file).
 
     Raises:
         BadAudioError: for a 0-byte object or one that disappeared since listing.
@@ -103,7 +104,7 @@ def open_source(fs, path: str, size: int) -> io.IOBase:
     if size == 0:
         raise BadAudioError("empty: the file has 0 bytes")
     try:
-        if size <= WHOLE_READ_MAX_BYTES:
+        if size <= WHOLE_READ_MAX_BYTES and not stream:
             return io.BytesIO(fs.cat_file(path))
         return _GuardedReader(fs.open(path, "rb", block_size=STREAM_BLOCK_BYTES, cache_type="readahead"))
     except FileNotFoundError as exc:

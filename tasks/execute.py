@@ -16,7 +16,7 @@ from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from distributed import Client, Future, KilledWorker, get_client
+from distributed import Client, Future, KilledWorker, as_completed, get_client
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
@@ -24,7 +24,7 @@ from prefect.tasks import exponential_backoff
 from audiopipe.infra.errors import TransientStorageError
 from audiopipe.infra.settings import RunSettings
 from audiopipe.infra.storage import StorageSpec, is_transient, open_fs
-from audiopipe.tasks.audio_io import WHOLE_READ_MAX_BYTES, AudioInfo, num_segments
+from audiopipe.tasks.audio_io import AudioInfo, num_segments
 from audiopipe.tasks.extract import ItemResult, SourceFile, WorkItem, featurize_item, probe_item, us_to_datetime
 from audiopipe.tasks.features import FeatureConfig
 from audiopipe.tasks.progress import ProgressEvent, report
@@ -33,8 +33,9 @@ from audiopipe.tasks.shards import FeaturePartWriter, OutputLayout, ShardPlan, m
 
 log = logging.getLogger(__name__)
 
-CHUNK_SECONDS = 600.0  # a long file is split into Dask tasks of ~10 minutes of audio
-WINDOW_PER_SHARD = 4   # items in flight per shard; results are consumed in order
+CHUNK_SECONDS = 120.0  # files above PROBE_MIN_BYTES are split into Dask tasks of ~2 minutes of audio
+PROBE_MIN_BYTES = 4 * 1024 * 1024  # ~2 min of 16 kHz 16-bit WAV; smaller files are one task each
+WINDOW_PER_SHARD = 4   # items in flight per shard
 CRASH_CATEGORY = "worker crash"
 # Items whose worker died are retried one at a time across all shards of this process, so a file that
 # only shared a worker with a crashing file is never quarantined with it.
@@ -87,8 +88,9 @@ def reject_category(reason: str) -> str:
 
 def _plan_items(client: Client, files: tuple[SourceFile, ...], cfg: FeatureConfig, storage: StorageSpec,
                 states: dict[str, _FileState]) -> list[WorkItem]:
-    """One item per small file; large files are probed (on a worker) and cut into chunks of segments."""
-    large = [f for f in files if f.size > WHOLE_READ_MAX_BYTES]
+    """One item per small file; larger files are probed (on a worker) and cut into chunks of segments,
+    so items are of similar size and both workers stay busy to the end."""
+    large = [f for f in files if f.size > PROBE_MIN_BYTES]
     attempt = uuid.uuid4().hex[:8]
     futures = [client.submit(probe_item, f, storage, key=f"probe-{item_key(WorkItem(f))}-{attempt}") for f in large]
     probes = dict(zip((f.url for f in large), client.gather(futures)))
@@ -107,28 +109,35 @@ def _plan_items(client: Client, files: tuple[SourceFile, ...], cfg: FeatureConfi
     return items
 
 
-def _results_in_order(client: Client, items: list[WorkItem], cfg: FeatureConfig, storage: StorageSpec,
-                      window: int) -> Iterator[tuple[WorkItem, ItemResult]]:
-    """Submit items through a sliding window; yield results in submission order."""
-    queue: deque[tuple[WorkItem, Future]] = deque()
+def _results(client: Client, items: list[WorkItem], cfg: FeatureConfig, storage: StorageSpec,
+             window: int) -> Iterator[tuple[WorkItem, ItemResult]]:
+    """Keep ``window`` items in flight; yield each result as it completes.
+
+    Completion order, not submission order: a long item never holds back the short ones behind it.
+    """
     todo = iter(items)
     attempt = uuid.uuid4().hex[:8]
+    submitted: dict[str, WorkItem] = {}
+    running = as_completed()
 
     def submit_next() -> None:
         item = next(todo, None)
         if item is not None:
-            queue.append((item, client.submit(featurize_item, item, cfg, storage,
-                                              key=f"{item_key(item)}-{attempt}", retries=0)))
+            future = client.submit(featurize_item, item, cfg, storage, key=f"{item_key(item)}-{attempt}",
+                                   retries=0)
+            submitted[future.key] = item
+            running.add(future)
 
     for _ in range(window):
         submit_next()
     try:
-        while queue:
-            item, future = queue.popleft()
+        for future in running:
+            item = submitted.pop(future.key)
+            result = _resolve(item, future)
             submit_next()
-            yield item, _resolve(item, future)
+            yield item, result
     finally:
-        for _, future in queue:
+        for future in list(running.futures):
             future.cancel()
 
 
@@ -168,7 +177,7 @@ def run_shard(client: Client, plan: ShardPlan, cfg: FeatureConfig, storage: Stor
     writer = FeaturePartWriter(scratch_dir)
     try:
         suspects = []
-        for item, result in _results_in_order(client, items, cfg, storage, WINDOW_PER_SHARD):
+        for item, result in _results(client, items, cfg, storage, WINDOW_PER_SHARD):
             if result.reason and result.reason.startswith(CRASH_CATEGORY):
                 suspects.append(item)  # maybe only a bystander of the file that crashed the worker
                 continue
@@ -176,7 +185,7 @@ def run_shard(client: Client, plan: ShardPlan, cfg: FeatureConfig, storage: Stor
         # One suspect at a time in the whole run: a bystander succeeds, the real poison crashes again.
         for suspect in suspects:
             with _SUSPECT_LOCK:
-                for item, result in _results_in_order(client, [suspect], cfg, storage, window=1):
+                for item, result in _results(client, [suspect], cfg, storage, window=1):
                     _absorb_and_report(states[item.source.url], result, writer)
         drop = {url for url, s in states.items() if s.reason is not None}
         part = layout.features_part(plan.shard_id)

@@ -93,7 +93,7 @@ def probe_item(source: SourceFile, storage: StorageSpec) -> AudioInfo | str:
     """Header of ``source`` (for planning chunks of a long file), or the rejection reason."""
     fs, path = open_fs(source.url, storage)
     try:
-        handle = open_source(fs, path, source.size)
+        handle = open_source(fs, path, source.size, stream=True)
         snd, info = probe(handle)
     except BadAudioError as exc:
         return str(exc)
@@ -115,7 +115,8 @@ def featurize_item(item: WorkItem, cfg: FeatureConfig, storage: StorageSpec) -> 
                                       "convert to FLAC or WAV")
     fs, path = open_fs(url, storage)
     try:
-        handle = open_source(fs, path, item.source.size)
+        # a chunk of a long file reads only its byte ranges; a whole small file comes in one GET
+        handle = open_source(fs, path, item.source.size, stream=item.stop is not None)
         snd, info = probe(handle)
     except BadAudioError as exc:
         return ItemResult(url, reason=str(exc), busy_s=time.perf_counter() - started)

@@ -35,7 +35,9 @@ from audiopipe.tasks.features import FeatureConfig
 
 log = logging.getLogger(__name__)
 
-FEATURE_ROW_GROUP_ROWS = 512
+# Flush to a row group at this much buffered payload: keeps the driver flat however long the file
+# (one 30 s log-mel row is ~1 MB) while row groups stay big enough for readers.
+FEATURE_ROW_GROUP_BYTES = 32 * 1024 * 1024
 _META_COLUMNS = ["source", "segment", "start_s", "duration_s", "n_frames", "config_hash"]
 
 
@@ -117,19 +119,21 @@ class FeaturePartWriter:
             use_dictionary=["source", "config_hash"], write_statistics=_META_COLUMNS,
         )
         self._pending: list[pa.RecordBatch] = []
+        self._pending_bytes = 0
         self.num_rows = 0
 
     def add(self, batch: pa.RecordBatch) -> None:
         validate_table(batch, FEATURES_V1)
         self._pending.append(batch)
+        self._pending_bytes += batch.nbytes
         self.num_rows += batch.num_rows
-        if sum(b.num_rows for b in self._pending) >= FEATURE_ROW_GROUP_ROWS:
+        if self._pending_bytes >= FEATURE_ROW_GROUP_BYTES:
             self._flush()
 
     def _flush(self) -> None:
         if self._pending:
             self._writer.write_table(pa.Table.from_batches(self._pending), row_group_size=1 << 20)
-            self._pending = []
+            self._pending, self._pending_bytes = [], 0
 
     def publish(self, fs, dest: str, drop_sources: set[str] = frozenset()) -> int:
         """Close, drop rows of ``drop_sources`` (files rejected after some rows were written), publish.
