@@ -154,6 +154,72 @@ def _print_summary(summary: dict) -> None:
     Console().print(table)
 
 
+@app.command()
+def synth(
+    kind: Annotated[str, typer.Argument(help="Corpus: speech, sounds, music or mixtures.")],
+    out_url: Annotated[str, typer.Argument(help="Where the audio and labels/labels.parquet go (any fsspec URL).")],
+    n: Annotated[int, typer.Option(help="Items to make (utterances, clips, scores or mixtures).")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed: the same seed makes the same corpus.")] = 0,
+    storage_options: Annotated[str | None, typer.Option(help="fsspec/s3fs options as JSON.")] = None,
+) -> None:
+    """Synthesize a labelled corpus (speech with transcripts, sound classes, Bach chorales, mixtures with stems)."""
+    from audiopipe.flows.synth import synth as run_synth
+    from audiopipe.infra.storage import storage_spec_from_env
+
+    try:
+        options = split_secrets(dict(storage_spec_from_env(storage_options, env={}).options))
+        result = run_synth(kind, out_url, n, seed, options)
+    except AudiopipeError as exc:
+        fail(str(exc))
+    table = Table(title=f"synth {kind}", show_header=False)
+    for key, value in result.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+    Console().print(table)
+
+
+@app.command()
+def train(
+    family: Annotated[str, typer.Argument(help="Model family: classify or asr.")],
+    features: Annotated[str, typer.Option(help="Featurize output root holding features/ and manifest/.")],
+    labels: Annotated[str, typer.Option(help="LABELS_V1 table (e.g. OUT/labels/labels.parquet from synth).")],
+    registry: Annotated[str, typer.Option(help="Model registry URL.")],
+    config_hash: Annotated[str | None, typer.Option(help="Feature partition to train on (auto when only one).")] = None,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping may end sooner).")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Examples per batch.")] = 16,
+    learning_rate: Annotated[float, typer.Option(help="Adam learning rate (halved on plateaus).")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed for weights, shuffling and dropout.")] = 0,
+    gpu: Annotated[bool, typer.Option(help="Require a GPU worker (fails if none); mixed precision there.")] = False,
+    name: Annotated[str | None, typer.Option(help="Registry model name (default: the family).")] = None,
+    dask_address: Annotated[str | None, typer.Option(help="Existing Dask scheduler; a 1-worker local cluster otherwise.")] = None,
+    storage_options: Annotated[str | None, typer.Option(help="fsspec/s3fs options as JSON.")] = None,
+) -> None:
+    """Train an LSTM model on feature shards and labels, on a Dask worker, and register it with its metrics.
+
+    Rerunning the same command resumes from the last epoch checkpoint of a killed run.
+    """
+    try:
+        from audiopipe.infra.storage import StorageSpec, storage_spec_from_env
+
+        options = split_secrets(dict(storage_spec_from_env(storage_options, env={}).options))
+        settings = RunSettings(workers=1, dask_address=dask_address, worker_memory_limit="8GiB")
+        apply_prefect_defaults(settings.work_dir)
+        from audiopipe.flows.train_model import detect_config_hash, train_model_flow
+        from audiopipe.tasks.training import TrainSpec
+
+        storage = StorageSpec({**storage_spec_from_env(None).options, **options})
+        spec = TrainSpec(family, features, labels, registry, config_hash or detect_config_hash(features, storage),
+                         epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                         require_gpu=gpu, model_name=name, work_dir=str(settings.work_dir))
+        result = train_model_flow(spec, settings, options)
+    except AudiopipeError as exc:
+        fail(str(exc))
+    table = Table(title=f"trained {result['model_ref']} on {result['device']}", show_header=False)
+    for key, value in result["metrics"].items():
+        table.add_row(key, f"{value:.4g}")
+    table.add_row("report", result["report_dir"] + "/index.html")
+    Console().print(table)
+
+
 @store_app.command("up")
 def store_up(
     root: Annotated[Path, typer.Option(help="Folder for the server's data, logs and PID file.")] = Path(".audiopipe/store"),

@@ -483,6 +483,9 @@ class Registry:
         path, card = self.fetch(ref, local_cache_dir)
         import keras
 
+        import audiopipe.models.asr_ctc  # noqa: F401 - registers audiopipe's custom layers and losses
+        import audiopipe.models.separation  # noqa: F401
+
         try:
             model = keras.saving.load_model(path, custom_objects=dict(custom_objects or {}), compile=compile,
                                             safe_mode=True)

@@ -1,0 +1,61 @@
+"""Flow ``train-model`` (``audiopipe train FAMILY``): feature shards + labels -> a registered model.
+
+The training step runs on a Dask worker: one with the ``GPU`` resource when ``--gpu`` is asked (and the
+run fails loudly if no worker advertises one, or if TensorFlow on that worker sees no GPU), otherwise any
+worker on CPU. The flow logs which, the per-epoch metrics, and publishes the test metrics as an artifact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from audiopipe.infra.errors import ConfigError
+from audiopipe.infra.runners import dask_client, gpu_workers
+from audiopipe.infra.settings import RunSettings
+from audiopipe.infra.storage import StorageSpec, open_fs, storage_spec_from_env
+from audiopipe.tasks.training import TrainSpec, train_model
+
+
+def detect_config_hash(features_url: str, storage: StorageSpec) -> str:
+    """The only feature partition under ``features_url`` (``features/config=<hash>``).
+
+    Raises:
+        ConfigError: none, or several (then ``--config-hash`` must choose).
+    """
+    fs, root = open_fs(features_url, storage)
+    found = sorted(p.rsplit("config=", 1)[1] for p in fs.ls(f"{root}/features", detail=False)
+                   if "config=" in p) if fs.exists(f"{root}/features") else []
+    if len(found) != 1:
+        raise ConfigError(f"{features_url} holds feature partitions {found or 'none'}; "
+                          "pass --config-hash to choose one (or featurize first).")
+    return found[0]
+
+
+@flow(name="train-model", validate_parameters=False)
+def train_model_flow(spec: TrainSpec, settings: RunSettings | None = None,
+                     storage_options: dict | None = None) -> dict:
+    """Train ``spec.family`` on one Dask worker and register the result; returns the ``TrainResult`` dict."""
+    logger = get_run_logger()
+    settings = settings or RunSettings(workers=1)
+    storage = StorageSpec({**storage_spec_from_env(None).options, **(storage_options or {})})
+    with dask_client(settings) as client:
+        gpus = gpu_workers(client)
+        if spec.require_gpu and not gpus:
+            raise ConfigError("--gpu was asked but no Dask worker advertises the GPU resource "
+                              "(start GPU workers with `dask worker ... --resources GPU=1`).")
+        resources = {"GPU": 1} if spec.require_gpu else None
+        logger.info("training %s on %s", spec.family, f"a GPU worker ({len(gpus)} available)" if resources
+                    else "a CPU worker (no --gpu)")
+        future = client.submit(train_model, spec, storage, resources=resources, pure=False,
+                               key=f"train-{spec.family}-{spec.run_key}")
+        result = future.result()
+    history_note = f"resumed after epoch {result.resumed_from_epoch}, " if result.resumed_from_epoch else ""
+    logger.info("trained on %s: %s%d epochs; test metrics %s; registered %s", result.device, history_note,
+                result.epochs_run, {k: round(v, 4) for k, v in result.metrics.items()}, result.model_ref)
+    table = "\n".join(f"| {k} | {v:.4g} |" for k, v in result.metrics.items())
+    create_markdown_artifact(key=f"train-{spec.family}", markdown=f"# {result.model_ref}\n\n| metric | value |\n"
+                             f"|---|---|\n{table}\n", description=f"train {spec.family}")
+    return asdict(result)

@@ -1,0 +1,379 @@
+"""Models: character CTC speech recognition, stacked bidirectional LSTMs over log-mel frames.
+
+In: ``features`` float32 ``(batch, frames, n_mels)`` zero-padded past each row's length, and ``lengths``
+int32 ``(batch,)`` in frames. Out: ``logits`` float32 ``(batch, ceil(frames / subsample), len(vocab) + 1)``,
+unnormalised, index 0 the CTC blank (``mask_index=0`` in ``keras.ops.ctc_loss``), index ``i`` the character
+``vocab[i - 1]``. Frames past a row's length are forced to blank (``layers.BlankPadding``), so the loss and
+the decoders may use the padded length or the row's own length and get the same answer.
+
+Pipeline: normalisation (training statistics stored in the model) -> SpecAugment (training only) ->
+front end that divides time by ``subsample`` (2-D conv blocks, or frame stacking) -> ``lstm_layers`` x
+BiLSTM -> dense logits. Decoding: ``greedy_decode``; ``beam_search_decode`` (CTC prefix beam search with an
+optional character n-gram LM, ``CharNgramLM``, and an optional ``Lexicon``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import keras
+import numpy as np
+from keras import ops
+
+from audiopipe.infra.errors import ConfigError
+from audiopipe.models.layers import (PACKAGE, BlankPadding, FeatureNormalization, FrameStack, LengthMask,
+                                     SequenceMask, SpecAugment, lstm, output_lengths)
+
+DEFAULT_VOCAB = " 'abcdefghijklmnopqrstuvwxyz"
+BLANK = 0
+FRONTENDS = ("conv2d", "stack")
+# A character this much less likely than the frame's best is not expanded by the beam search.
+PRUNE_LOGP = math.log(1e-3)
+_BOS, _EOS = "\x02", "\x03"
+
+
+@dataclass(frozen=True)
+class SpecAugmentConfig:
+    """SpecAugment masks applied in training only (see ``layers.SpecAugment``)."""
+
+    num_freq_masks: int = 2
+    freq_mask_bins: int = 15
+    num_time_masks: int = 2
+    time_mask_frames: int = 25
+    time_mask_max_fraction: float = 0.2
+
+    def __post_init__(self):
+        if min(self.num_freq_masks, self.freq_mask_bins, self.num_time_masks, self.time_mask_frames) < 0:
+            raise ConfigError(f"SpecAugment counts and widths must be >= 0, got {self}")
+        if not 0.0 <= self.time_mask_max_fraction <= 1.0:
+            raise ConfigError(f"time_mask_max_fraction must be in [0, 1], got {self.time_mask_max_fraction}")
+
+
+@dataclass(frozen=True)
+class CtcAsrConfig:
+    """Architecture of the CTC recogniser.
+
+    Attributes:
+        n_mels: Log-mel bins per input frame.
+        vocab: Output characters; id ``i + 1`` is ``vocab[i]``, id 0 the blank.
+        frontend: ``conv2d`` (``log2(subsample)`` blocks of 3x3 stride-2 conv + ReLU over time x mel) or
+            ``stack`` (``subsample`` frames concatenated).
+        subsample: Time reduction of the front end, 1, 2 or 4 (4 = 40 ms per output at a 10 ms hop).
+        conv_channels: Channels of each conv block (``conv2d`` only).
+        lstm_units: Units per direction of each BiLSTM.
+        lstm_layers: Number of stacked BiLSTMs.
+        dropout: Dropout rate between recurrent layers.
+        spec_augment: SpecAugment masks in training, or None for none.
+    """
+
+    n_mels: int = 80
+    vocab: str = DEFAULT_VOCAB
+    frontend: str = "conv2d"
+    subsample: int = 4
+    conv_channels: int = 32
+    lstm_units: int = 192
+    lstm_layers: int = 3
+    dropout: float = 0.2
+    spec_augment: SpecAugmentConfig | None = field(default_factory=SpecAugmentConfig)
+
+    def __post_init__(self):
+        if not self.vocab or len(set(self.vocab)) != len(self.vocab) or {_BOS, _EOS} & set(self.vocab):
+            raise ConfigError(f"vocab must be non-empty with distinct characters, got {self.vocab!r}")
+        if self.frontend not in FRONTENDS:
+            raise ConfigError(f"frontend must be one of {FRONTENDS}, got {self.frontend!r}")
+        if self.subsample not in (1, 2, 4):
+            raise ConfigError(f"subsample must be 1, 2 or 4, got {self.subsample}")
+        if min(self.n_mels, self.conv_channels, self.lstm_units, self.lstm_layers) < 1:
+            raise ConfigError(f"n_mels, conv_channels, lstm_units and lstm_layers must be >= 1: {self}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.spec_augment is not None and self.spec_augment.freq_mask_bins >= self.n_mels:
+            raise ConfigError(f"freq_mask_bins ({self.spec_augment.freq_mask_bins}) must be < n_mels")
+
+    @property
+    def num_classes(self) -> int:
+        """Output units: the characters plus the blank."""
+        return len(self.vocab) + 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CtcAsrConfig:
+        spec = data.get("spec_augment")
+        return cls(**{**data, "spec_augment": None if spec is None else SpecAugmentConfig(**spec)})
+
+
+def encode_text(text: str, *, vocab: str = DEFAULT_VOCAB) -> np.ndarray:
+    """Text -> int32 ids ``1..len(vocab)`` (no blank). Raises ConfigError naming characters not in vocab."""
+    index = {ch: i + 1 for i, ch in enumerate(vocab)}
+    unknown = sorted(set(text) - index.keys())
+    if unknown:
+        raise ConfigError(f"text {text[:60]!r} has characters {unknown} outside the model vocabulary {vocab!r}")
+    return np.fromiter((index[ch] for ch in text), dtype=np.int32, count=len(text))
+
+
+def decode_ids(ids: Iterable[int], *, vocab: str = DEFAULT_VOCAB) -> str:
+    """Label ids -> text; blanks (0) and the -1 padding of ``keras.ops.ctc_decode`` are skipped.
+
+    Repeats are kept: this is not CTC collapsing (``greedy_decode`` does that).
+    """
+    return "".join(vocab[i - 1] for i in ids if i > BLANK)
+
+
+def encode_batch(texts: Sequence[str], *, vocab: str = DEFAULT_VOCAB) -> tuple[np.ndarray, np.ndarray]:
+    """Texts -> (int32 ``(batch, max_len)`` labels zero-padded, int32 ``(batch,)`` label lengths)."""
+    encoded = [encode_text(t, vocab=vocab) for t in texts]
+    lengths = np.array([len(e) for e in encoded], dtype=np.int32)
+    labels = np.zeros((len(encoded), max(1, int(lengths.max(initial=0)))), dtype=np.int32)
+    for row, ids in enumerate(encoded):
+        labels[row, :len(ids)] = ids
+    return labels, lengths
+
+
+def required_frames(ids: np.ndarray) -> int:
+    """Fewest output frames CTC needs for ``ids``: one per label plus a blank between repeated labels."""
+    ids = np.asarray(ids)
+    return int(len(ids) + np.count_nonzero(ids[1:] == ids[:-1]))
+
+
+def _conv2d_frontend(x, lengths, cfg: CtcAsrConfig):
+    x = keras.layers.Reshape((-1, cfg.n_mels, 1), name="frontend_expand")(x)
+    for block in range(int(math.log2(cfg.subsample))):
+        # Fixed one-frame padding on both sides, then a 'valid' stride-2 conv: 'same' padding would put the
+        # odd frame on the left or right depending on the batch's padded length.
+        x = keras.layers.ZeroPadding2D(((1, 1), (1, 1)), name=f"frontend_pad{block}")(x)
+        x = keras.layers.Conv2D(cfg.conv_channels, 3, strides=2, activation="relu", name=f"frontend_conv{block}")(x)
+        x = LengthMask(2 ** (block + 1), name=f"frontend_zero{block}")([x, lengths])
+    bins = cfg.n_mels
+    for _ in range(int(math.log2(cfg.subsample))):
+        bins = -(-bins // 2)
+    return keras.layers.Reshape((-1, bins * (cfg.conv_channels if cfg.subsample > 1 else 1)),
+                                name="frontend_flatten")(x)
+
+
+def build_ctc_asr(cfg: CtcAsrConfig) -> keras.Model:
+    """Build the (uncompiled) recogniser: ``{"features", "lengths"} -> logits``; see the module docstring."""
+    features = keras.Input((None, cfg.n_mels), name="features")
+    lengths = keras.Input((), dtype="int32", name="lengths")
+    x = FeatureNormalization(cfg.n_mels, name="feature_norm")(features)
+    if cfg.spec_augment is not None:
+        x = SpecAugment(**asdict(cfg.spec_augment), name="spec_augment")([x, lengths])
+    x = LengthMask(1, name="input_zero")([x, lengths])
+    if cfg.frontend == "conv2d":
+        x = _conv2d_frontend(x, lengths, cfg)
+    elif cfg.subsample > 1:
+        x = FrameStack(cfg.subsample, name="frame_stack")(x)
+    mask = SequenceMask(cfg.subsample, name="sequence_mask")([x, lengths])
+    for i in range(cfg.lstm_layers):
+        x = keras.layers.Dropout(cfg.dropout, name=f"dropout{i}")(x)
+        x = keras.layers.Bidirectional(lstm(cfg.lstm_units, name=f"lstm{i}"), name=f"bilstm{i}")(x, mask=mask)
+    x = keras.layers.Dropout(cfg.dropout, name="dropout_out")(x)
+    logits = keras.layers.Dense(cfg.num_classes, dtype="float32", name="classifier")(x)
+    logits = BlankPadding(cfg.subsample, dtype="float32", name="logits")([logits, lengths])
+    return keras.Model({"features": features, "lengths": lengths}, logits, name="ctc_asr")
+
+
+def ctc_loss(labels, logits, label_lengths, logit_lengths):
+    """Per-row CTC negative log-likelihood, nats.
+
+    Args:
+        labels: int ``(batch, max_label_len)``, ids ``1..N``, zero-padded.
+        logits: float ``(batch, frames, N + 1)`` unnormalised, blank at 0.
+        label_lengths: int ``(batch,)``.
+        logit_lengths: int ``(batch,)`` in *output* frames: ``layers.output_lengths(lengths, subsample)``.
+
+    Returns:
+        float32 ``(batch,)``.
+    """
+    return ops.ctc_loss(ops.cast(labels, "int32"), logits, ops.cast(label_lengths, "int32"),
+                        ops.cast(logit_lengths, "int32"), mask_index=BLANK)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class CtcLoss(keras.losses.Loss):
+    """Keras loss: ``y_true`` zero-padded labels ``(batch, L)``, ``y_pred`` the model's logits.
+
+    Label lengths are the nonzero counts (0 is the blank, never a label). The logit length is the padded
+    length: exact, because the model makes every padded frame a certain blank (``layers.BlankPadding``).
+    """
+
+    def __init__(self, name: str = "ctc_loss", **kwargs):
+        super().__init__(name=name, **kwargs)
+
+    def call(self, y_true, y_pred):
+        labels = ops.cast(y_true, "int32")
+        label_lengths = ops.sum(ops.cast(labels != BLANK, "int32"), axis=-1)
+        logit_lengths = ops.full((ops.shape(y_pred)[0],), ops.shape(y_pred)[1], dtype="int32")
+        return ctc_loss(labels, y_pred, label_lengths, logit_lengths)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def greedy_decode(logits: np.ndarray, lengths: np.ndarray, *, vocab: str = DEFAULT_VOCAB) -> list[str]:
+    """Best path: argmax per frame up to each row's length, merge repeats, drop blanks.
+
+    Args:
+        logits: ``(batch, frames, len(vocab) + 1)`` (logits or probabilities, argmax is the same).
+        lengths: int ``(batch,)`` in output frames.
+    """
+    best = np.asarray(logits).argmax(axis=-1)
+    texts = []
+    for row, length in zip(best, np.asarray(lengths)):
+        path = row[:int(length)]
+        keep = np.ones(len(path), dtype=bool)
+        keep[1:] = path[1:] != path[:-1]
+        texts.append(decode_ids(path[keep], vocab=vocab))
+    return texts
+
+
+class CharNgramLM:
+    """Character n-gram language model with add-k smoothing over ``vocab`` plus an end-of-sentence event.
+
+    ``P(c | h) = (count(h, c) + k) / (count(h) + k * (len(vocab) + 1))`` with ``h`` the previous
+    ``order - 1`` characters (sentence start padded). Built with ``fit``; ``to_dict``/``from_dict`` give
+    a JSON-able form to ship beside the model.
+    """
+
+    EOS = _EOS
+
+    def __init__(self, *, order: int, k: float, vocab: str, counts: dict[str, dict[str, int]]):
+        if order < 1 or k <= 0:
+            raise ConfigError(f"CharNgramLM needs order >= 1 and k > 0, got order={order}, k={k}")
+        self.order, self.k, self.vocab, self.counts = order, float(k), vocab, counts
+        num_events = len(vocab) + 1
+        self._uniform = -math.log(num_events)
+        self._table: dict[str, tuple[dict[str, float], float]] = {}
+        for context, nexts in counts.items():
+            denom = math.log(sum(nexts.values()) + self.k * num_events)
+            self._table[context] = ({c: math.log(n + self.k) - denom for c, n in nexts.items()},
+                                    math.log(self.k) - denom)
+
+    @classmethod
+    def fit(cls, texts: Iterable[str], *, order: int = 4, k: float = 0.05,
+            vocab: str = DEFAULT_VOCAB) -> CharNgramLM:
+        """Count n-grams over ``texts`` (each one sentence, characters from ``vocab``)."""
+        counts: dict[str, dict[str, int]] = {}
+        for text in texts:
+            encode_text(text, vocab=vocab)
+            padded = _BOS * (order - 1) + text + _EOS
+            for i in range(order - 1, len(padded)):
+                nexts = counts.setdefault(padded[i - order + 1:i], {})
+                nexts[padded[i]] = nexts.get(padded[i], 0) + 1
+        return cls(order=order, k=k, vocab=vocab, counts=counts)
+
+    def log_prob(self, context: str, char: str) -> float:
+        """Natural-log ``P(char | context)``; ``char`` may be ``CharNgramLM.EOS`` for the sentence end."""
+        h = (_BOS * (self.order - 1) + context)[-(self.order - 1):] if self.order > 1 else ""
+        entry = self._table.get(h)
+        if entry is None:
+            return self._uniform
+        return entry[0].get(char, entry[1])
+
+    def score(self, text: str) -> float:
+        """Natural-log probability of the whole sentence, end included."""
+        return sum(self.log_prob(text[:i], ch) for i, ch in enumerate(text + _EOS))
+
+    def to_dict(self) -> dict:
+        return {"order": self.order, "k": self.k, "vocab": self.vocab, "counts": self.counts}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CharNgramLM:
+        return cls(**data)
+
+
+class Lexicon:
+    """Allowed words for beam search: every word the output contains must be one of them."""
+
+    def __init__(self, words: Iterable[str]):
+        self.words = frozenset(w for w in words if w)
+        self.prefixes = frozenset(w[:i] for w in self.words for i in range(len(w) + 1))
+
+    @classmethod
+    def from_texts(cls, texts: Iterable[str]) -> Lexicon:
+        return cls(word for text in texts for word in text.split(" "))
+
+
+def beam_search_decode(logits: np.ndarray, lengths: np.ndarray, *, beam_width: int = 16,
+                       vocab: str = DEFAULT_VOCAB, lm: CharNgramLM | None = None, lm_weight: float = 0.5,
+                       insertion_bonus: float = 0.0, lexicon: Lexicon | None = None) -> list[str]:
+    """CTC prefix beam search with shallow fusion of a character LM and an optional lexicon.
+
+    A prefix scores ``log P_ctc(prefix) + lm_weight * log P_lm(prefix) + insertion_bonus * len(prefix)``;
+    the bonus offsets the LM's pull towards short outputs. With a lexicon, a partial word must be the
+    prefix of a lexicon word and every completed word must be one.
+
+    Args:
+        logits: float ``(batch, frames, len(vocab) + 1)`` unnormalised, blank at 0.
+        lengths: int ``(batch,)`` in output frames.
+        beam_width: Prefixes kept after each frame.
+
+    Returns:
+        The best text per row.
+    """
+    if beam_width < 1:
+        raise ConfigError(f"beam_width must be >= 1, got {beam_width}")
+    log_probs = _log_softmax(logits)
+    return [_prefix_beam_search(lp[:int(n)], beam_width=beam_width, vocab=vocab, lm=lm, lm_weight=lm_weight,
+                                bonus=insertion_bonus, lexicon=lexicon)
+            for lp, n in zip(log_probs, np.asarray(lengths))]
+
+
+def _allowed(prefix: str, lexicon: Lexicon | None, *, final: bool = False) -> bool:
+    if lexicon is None:
+        return True
+    words = prefix.split(" ")
+    if any(w not in lexicon.words for w in words[:-1]):
+        return False
+    return words[-1] in lexicon.words or (words[-1] == "" and prefix == "") if final \
+        else words[-1] in lexicon.prefixes
+
+
+def _logadd(a: float, b: float) -> float:
+    if a < b:
+        a, b = b, a
+    return a if b == -math.inf else a + math.log1p(math.exp(b - a))
+
+
+def _prefix_beam_search(log_probs: np.ndarray, *, beam_width: int, vocab: str, lm: CharNgramLM | None,
+                        lm_weight: float, bonus: float, lexicon: Lexicon | None) -> str:
+    neg_inf = -math.inf
+    beams: dict[str, tuple[float, float]] = {"": (0.0, neg_inf)}  # prefix -> (log p ending blank, non-blank)
+    extra: dict[str, float] = {"": 0.0}  # prefix -> LM and insertion score
+    for frame_np in log_probs:
+        candidates = [int(c) for c in np.flatnonzero(frame_np >= frame_np.max() + PRUNE_LOGP) if c != BLANK]
+        frame = frame_np.tolist()  # Python floats: scalar math on numpy scalars is several times slower
+        nxt: dict[str, list[float]] = {}
+        for prefix, (p_b, p_nb) in beams.items():
+            total = _logadd(p_b, p_nb)
+            entry = nxt.setdefault(prefix, [neg_inf, neg_inf])
+            entry[0] = _logadd(entry[0], total + frame[BLANK])
+            for c in candidates:
+                ch, p = vocab[c - 1], frame[c]
+                if prefix and prefix[-1] == ch:  # a repeat without a blank between collapses
+                    entry[1] = _logadd(entry[1], p_nb + p)
+                    from_score = p_b + p
+                else:
+                    from_score = total + p
+                new = prefix + ch
+                if new not in extra:
+                    if not _allowed(new, lexicon):
+                        continue
+                    extra[new] = extra[prefix] + bonus + (lm_weight * lm.log_prob(prefix, ch) if lm else 0.0)
+                new_entry = nxt.setdefault(new, [neg_inf, neg_inf])
+                new_entry[1] = _logadd(new_entry[1], from_score)
+        ranked = sorted(nxt.items(), key=lambda kv: _logadd(*kv[1]) + extra[kv[0]], reverse=True)
+        beams = {prefix: (pb, pnb) for prefix, (pb, pnb) in ranked[:beam_width]}
+
+    def final_score(prefix: str) -> float:
+        end = lm_weight * lm.log_prob(prefix, _EOS) if lm else 0.0
+        return _logadd(*beams[prefix]) + extra[prefix] + end
+
+    finished = [p for p in beams if _allowed(p, lexicon, final=True)] or list(beams)
+    return max(finished, key=final_score)

@@ -1,0 +1,259 @@
+"""Training stage: feature shards + labels -> a trained Keras model registered with its card.
+
+In: a ``TrainSpec`` (family, where the features and labels are, the registry, epochs...). Out: a small
+``TrainResult`` (model ref, test metrics). ``train_model`` runs on one Dask worker (the GPU one when asked);
+it checkpoints every epoch under ``work_dir/checkpoints/<run key>`` so the same command resumes a killed run.
+No Prefect or Dask imports here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from audiopipe.infra.errors import ConfigError
+from audiopipe.infra.storage import StorageSpec
+
+log = logging.getLogger(__name__)
+FAMILIES = ("classify", "asr")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """One training job. ``model_name`` defaults to the family."""
+
+    family: str
+    features_url: str
+    labels_url: str
+    registry_url: str
+    config_hash: str
+    epochs: int = 10
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    patience: int = 4
+    seed: int = 0
+    require_gpu: bool = False
+    model_name: str | None = None
+    work_dir: str = ".audiopipe"
+    model_overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(f"unknown model family {self.family!r}; trainable here: {', '.join(FAMILIES)}.")
+        if self.epochs < 1 or self.batch_size < 1 or not 0 < self.learning_rate < 1:
+            raise ConfigError("epochs and batch_size must be >= 1 and learning_rate in (0, 1).")
+
+    @property
+    def run_key(self) -> str:
+        """Same command -> same key -> same checkpoint folder (resume)."""
+        blob = json.dumps(asdict(self), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class TrainResult:
+    model_ref: str
+    metrics: dict
+    epochs_run: int
+    resumed_from_epoch: int
+    device: str
+    report_dir: str
+
+
+def _targets(spec: TrainSpec, labels: dict[str, dict]):
+    """(target function, tf spec, classes or vocab) for the family."""
+    import tensorflow as tf
+
+    if spec.family == "classify":
+        classes = sorted({row["label"] for row in labels.values() if row.get("label")})
+        index = {c: i for i, c in enumerate(classes)}
+        return (lambda row: np.int32(index[row["label"]])), tf.TensorSpec((), tf.int32), classes
+    from audiopipe.models.asr_ctc import DEFAULT_VOCAB, encode_text
+
+    return (lambda row: encode_text(row["text"]).astype(np.int32)), tf.TensorSpec((None,), tf.int32), DEFAULT_VOCAB
+
+
+def _build(spec: TrainSpec, num_bins: int, vocab_or_classes):
+    import keras
+
+    if spec.family == "classify":
+        from audiopipe.models.classifier import ClassifierConfig, build_classifier, classifier_loss
+
+        cfg = ClassifierConfig(**{"n_mels": num_bins, "n_classes": len(vocab_or_classes), **spec.model_overrides})
+        model = build_classifier(cfg)
+        model.compile(keras.optimizers.Adam(spec.learning_rate), loss=classifier_loss(), metrics=["accuracy"])
+        return model, cfg
+    from audiopipe.models.asr_ctc import CtcAsrConfig, CtcLoss, build_ctc_asr
+
+    cfg = CtcAsrConfig(**{"n_mels": num_bins, **spec.model_overrides})
+    model = build_ctc_asr(cfg)
+    model.compile(keras.optimizers.Adam(spec.learning_rate, clipnorm=5.0), loss=CtcLoss())
+    return model, cfg
+
+
+def _evaluate(spec: TrainSpec, model, datasets, vocab_or_classes) -> tuple[dict, dict]:
+    """Test-split metrics, plus arrays for the report (confusion matrix or transcripts)."""
+    if spec.family == "classify":
+        from audiopipe.models.classifier import accuracy, confusion_matrix, precision_recall
+
+        y_true, y_pred = [], []
+        for x, y in datasets["test"]:
+            y_true.append(y.numpy())
+            y_pred.append(np.argmax(model.predict(x, verbose=0), axis=-1))
+        y_true, y_pred = np.concatenate(y_true), np.concatenate(y_pred)
+        cm = confusion_matrix(y_true, y_pred, len(vocab_or_classes))
+        precision, recall = (np.nan_to_num(a, nan=0.0) for a in precision_recall(cm))  # 0 when undefined
+        metrics = {"accuracy": accuracy(y_true, y_pred), "num_test": int(len(y_true)),
+                   **{f"precision_{c}": float(p) for c, p in zip(vocab_or_classes, precision)},
+                   **{f"recall_{c}": float(r) for c, r in zip(vocab_or_classes, recall)}}
+        return metrics, {"confusion": cm}
+    from audiopipe.models.asr_ctc import decode_ids, greedy_decode
+    from audiopipe.models.metrics import cer, wer
+
+    refs, hyps = [], []
+    for x, y in datasets["test"]:
+        logits = model.predict(x, verbose=0)
+        hyps += greedy_decode(logits, x["lengths"].numpy())
+        refs += [decode_ids(row[row > 0]) for row in y.numpy()]
+    return {"cer": float(cer(refs, hyps)), "wer": float(wer(refs, hyps)), "num_test": len(refs)}, \
+        {"transcripts": list(zip(refs, hyps))[:20]}
+
+
+def train_model(spec: TrainSpec, storage: StorageSpec) -> TrainResult:
+    """Train, evaluate on the test split, register; resumes from this run's last checkpoint if present."""
+    import keras
+
+    from audiopipe.models.data import norm_stats, open_shard_set
+    from audiopipe.models.device import select_device
+    from audiopipe.models.layers import set_feature_stats
+
+    device = select_device(spec.require_gpu)
+    keras.utils.set_random_seed(spec.seed)
+    shards = open_shard_set(spec.features_url, spec.config_hash, spec.labels_url, storage)
+    target, target_spec, vocab_or_classes = _targets(spec, shards.labels)
+    stats = norm_stats(shards, "train")
+    datasets = _datasets(spec, shards, target, target_spec)
+    ckpt_dir = Path(spec.work_dir) / "checkpoints" / spec.run_key
+    model, cfg, start_epoch = _model_or_checkpoint(spec, ckpt_dir, shards.num_bins, vocab_or_classes)
+    if start_epoch == 0:
+        set_feature_stats(model, np.asarray(stats.mean), np.asarray(stats.std))
+    history = _fit(spec, model, datasets, ckpt_dir, start_epoch)
+    metrics, extras = _evaluate(spec, model, datasets, vocab_or_classes)
+    report = Path(spec.work_dir) / "reports" / spec.run_key
+    write_training_report(report, spec, history, metrics, extras, vocab_or_classes)
+    ref = _register(spec, storage, model, cfg, shards, stats, vocab_or_classes, metrics, history)
+    return TrainResult(str(ref), metrics, len(history.get("loss", [])), start_epoch, device.kind, str(report))
+
+
+def _datasets(spec: TrainSpec, shards, target, target_spec) -> dict:
+    from audiopipe.models.data import iter_examples, to_dataset
+
+    def make(split: str, shuffle: int):
+        return to_dataset(lambda: iter_examples(shards, split, target), shards.num_bins, batch_size=spec.batch_size,
+                          target_spec=target_spec, shuffle=shuffle, seed=spec.seed,
+                          bucket_edges=(200, 400, 800, 1600))
+
+    return {"train": make("train", 512), "val": make("val", 0), "test": make("test", 0)}
+
+
+def _model_or_checkpoint(spec: TrainSpec, ckpt_dir: Path, num_bins: int, vocab_or_classes):
+    import keras
+
+    state = ckpt_dir / "state.json"
+    model, cfg = _build(spec, num_bins, vocab_or_classes)
+    if state.exists():
+        epoch = json.loads(state.read_text())["epoch"]
+        model = keras.saving.load_model(ckpt_dir / "last.keras", safe_mode=True)
+        log.info("resuming %s from its checkpoint after epoch %d", spec.run_key, epoch)
+        return model, cfg, epoch
+    return model, cfg, 0
+
+
+def _fit(spec: TrainSpec, model, datasets, ckpt_dir: Path, start_epoch: int) -> dict:
+    import keras
+
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    history_file = ckpt_dir / "history.json"
+    past = json.loads(history_file.read_text()) if history_file.exists() else {}
+
+    class SaveState(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            for k, v in (logs or {}).items():
+                past.setdefault(k, []).append(float(v))
+            self.model.save(ckpt_dir / "last.keras")
+            history_file.write_text(json.dumps(past))
+            (ckpt_dir / "state.json").write_text(json.dumps({"epoch": epoch + 1}))
+
+    if start_epoch < spec.epochs:
+        callbacks = [keras.callbacks.EarlyStopping(patience=spec.patience, restore_best_weights=True),
+                     keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=max(1, spec.patience // 2)),
+                     SaveState()]
+        model.fit(datasets["train"], validation_data=datasets["val"], epochs=spec.epochs,
+                  initial_epoch=start_epoch, callbacks=callbacks, verbose=2)
+    return past
+
+
+def _register(spec, storage, model, cfg, shards, stats, vocab_or_classes, metrics, history):
+    from audiopipe.models.registry import Normalization, Registry, TrainingData
+
+    registry = Registry(spec.registry_url, storage)
+    snapshot = shards.snapshot()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.keras"
+        model.save(path)
+        return registry.register(
+            spec.model_name or spec.family, str(path), family=spec.family, metrics=metrics,
+            feature_config={"config_hash": spec.config_hash}, config_hash=spec.config_hash,
+            training_data=TrainingData.of(snapshot["parts"], snapshot["parts_sha256"]),
+            normalization=Normalization.of(np.asarray(stats.mean), np.asarray(stats.std)),
+            vocabulary=tuple(vocab_or_classes) if spec.family == "asr" else (),
+            classes=tuple(vocab_or_classes) if spec.family == "classify" else (),
+            params={"spec": asdict(spec), "model_config": cfg.to_dict()}, history=history)
+
+
+def write_training_report(out: Path, spec: TrainSpec, history: dict, metrics: dict, extras: dict,
+                          vocab_or_classes) -> Path:
+    """Training curves (PNG), plus a confusion matrix (classify) or example transcripts (asr), in index.html."""
+    import html
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in ("loss", "val_loss"):
+        if history.get(key):
+            ax.plot(range(1, len(history[key]) + 1), history[key], label=key)
+    ax.set(xlabel="epoch", ylabel="loss", title=f"{spec.family} training")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=90)
+    plt.close(fig)
+    body = "<img src='curves.png'>"
+    if "confusion" in extras:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.imshow(extras["confusion"], cmap="Blues")
+        ax.set(xticks=range(len(vocab_or_classes)), yticks=range(len(vocab_or_classes)),
+               xticklabels=vocab_or_classes, yticklabels=vocab_or_classes, xlabel="predicted", ylabel="true")
+        plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
+        for (i, j), v in np.ndenumerate(extras["confusion"]):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "confusion.png", dpi=90)
+        plt.close(fig)
+        body += "<img src='confusion.png'>"
+    for ref, hyp in extras.get("transcripts", []):
+        mark = "" if ref == hyp else " style='color:#b00'"
+        body += f"<p>ref: {html.escape(ref)}<br><span{mark}>hyp: {html.escape(hyp)}</span></p>"
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" for k, v in metrics.items())
+    (out / "index.html").write_text(f"<!doctype html><meta charset='utf-8'><h1>{spec.family}</h1>"
+                                    f"<table>{rows}</table>{body}", encoding="utf-8")
+    return out / "index.html"

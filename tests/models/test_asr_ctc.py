@@ -1,0 +1,203 @@
+"""CTC recogniser: build, train a few steps, save/load, loss exactness, and decoding on hand-made matrices."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import pytest
+
+from audiopipe.infra.errors import ConfigError
+from audiopipe.models import asr_ctc as asr
+from audiopipe.models.layers import CUDNN_LSTM_CONFIG, SpecAugment, cudnn_ineligible_layers, lstm, output_lengths
+from audiopipe.models.metrics import cer, char_alignment, wer
+
+TINY = asr.CtcAsrConfig(n_mels=16, conv_channels=4, lstm_units=8, lstm_layers=2, subsample=4, dropout=0.1,
+                        spec_augment=asr.SpecAugmentConfig(freq_mask_bins=3, time_mask_frames=4))
+TEXTS = ["cat", "a dog", "hi", "no"]
+
+
+def _batch(cfg: asr.CtcAsrConfig, lengths, seed: int = 0):
+    """Random 'log-mel' frames, zero past each row's length (as the data pipeline pads)."""
+    rng = np.random.default_rng(seed)
+    lengths = np.asarray(lengths, dtype=np.int32)
+    x = rng.normal(size=(len(lengths), int(lengths.max()), cfg.n_mels)).astype(np.float32)
+    x[np.arange(x.shape[1])[None, :] >= lengths[:, None]] = 0.0
+    return {"features": x, "lengths": lengths}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    keras.utils.set_random_seed(0)
+    model = asr.build_ctc_asr(TINY)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=asr.CtcLoss())
+    x = _batch(TINY, [40, 33, 20, 13])
+    labels, _ = asr.encode_batch(TEXTS)
+    history = model.fit(x, labels, epochs=12, batch_size=4, verbose=0).history["loss"]
+    path = tmp_path_factory.mktemp("asr") / "model.keras"
+    model.save(path)
+    return model, x, labels, history, path
+
+
+def test_fit_lowers_the_loss(trained):
+    _, _, _, history, _ = trained
+    assert all(math.isfinite(v) for v in history)
+    assert history[-1] < 0.8 * history[0]
+
+
+@pytest.mark.parametrize("frontend, subsample", [("conv2d", 4), ("conv2d", 2), ("stack", 4), ("stack", 1)])
+def test_output_shape_follows_the_front_end(frontend, subsample):
+    cfg = asr.CtcAsrConfig(n_mels=16, frontend=frontend, subsample=subsample, conv_channels=2, lstm_units=4,
+                           lstm_layers=1, spec_augment=None)
+    out = asr.build_ctc_asr(cfg).predict(_batch(cfg, [37, 20]), verbose=0)
+    assert out.shape == (2, math.ceil(37 / subsample), len(asr.DEFAULT_VOCAB) + 1)
+    assert out.dtype == np.float32
+
+
+def test_padded_frames_are_certain_blanks_and_rows_ignore_batch_padding(trained):
+    model, x, _, _, _ = trained
+    logits = model.predict(x, verbose=0)
+    out_len = output_lengths(x["lengths"], TINY.subsample)
+    short = 3  # the 13-frame row, alone and unpadded
+    alone = model.predict({"features": x["features"][short:, :13], "lengths": x["lengths"][short:]}, verbose=0)
+    np.testing.assert_allclose(alone[0], logits[short, :out_len[short]], atol=1e-5)
+    assert np.all(logits[short, out_len[short]:].argmax(-1) == asr.BLANK)
+
+
+def test_ctc_loss_is_finite_and_padding_exact(trained):
+    model, x, labels, _, _ = trained
+    logits = model.predict(x, verbose=0)
+    label_lengths = np.count_nonzero(labels, axis=1)
+    own = np.asarray(asr.ctc_loss(labels, logits, label_lengths, output_lengths(x["lengths"], TINY.subsample)))
+    padded = np.asarray(asr.ctc_loss(labels, logits, label_lengths, np.full(4, logits.shape[1])))
+    assert np.all(np.isfinite(own)) and np.all(own > 0)
+    np.testing.assert_allclose(own, padded, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(asr.CtcLoss()(labels, logits)), own.mean(), rtol=1e-5)
+
+
+def test_save_load_round_trip_in_safe_mode(trained):
+    model, x, _, _, path = trained
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+    assert isinstance(loaded.loss, asr.CtcLoss)
+
+
+def test_lstms_keep_the_cudnn_configuration(trained):
+    model = trained[0]
+    lstms = [inner for layer in model.layers if isinstance(layer, keras.layers.Bidirectional)
+             for inner in (layer.forward_layer, layer.backward_layer)]
+    assert len(lstms) == 2 * TINY.lstm_layers
+    for layer in lstms:
+        cfg = layer.get_config()
+        assert {k: cfg[k] for k in CUDNN_LSTM_CONFIG} == CUDNN_LSTM_CONFIG
+        assert layer.use_cudnn in ("auto", True)
+    assert cudnn_ineligible_layers(model) == []
+    bad = keras.Sequential([keras.Input((None, 3)), keras.layers.LSTM(2, recurrent_dropout=0.1, name="slow")])
+    assert cudnn_ineligible_layers(bad) == ["slow"]
+    assert lstm(3).get_config()["unroll"] is False
+
+
+def test_spec_augment_masks_in_training_only():
+    layer = SpecAugment(num_freq_masks=1, freq_mask_bins=4, num_time_masks=1, time_mask_frames=10, seed=1)
+    x = np.ones((8, 50, 16), dtype=np.float32)
+    lengths = np.full(8, 50, dtype=np.int32)
+    np.testing.assert_array_equal(np.asarray(layer([x, lengths], training=False)), x)
+    masked = np.asarray(layer([x, lengths], training=True))
+    assert 0.0 < (masked == 0).mean() < 0.5
+    assert set(np.unique(masked)) <= {0.0, 1.0}
+
+
+# --- vocabulary ---------------------------------------------------------------------------------------------
+
+def test_encode_decode_round_trip_and_blank_is_zero():
+    ids = asr.encode_text("it's a cat")
+    assert ids.min() >= 1 and asr.decode_ids(ids) == "it's a cat"
+    assert asr.encode_text(" ")[0] == 1 and asr.encode_text("a")[0] == 3
+    labels, lengths = asr.encode_batch(["ab", "abc"])
+    assert labels.tolist() == [[3, 4, 0], [3, 4, 5]] and lengths.tolist() == [2, 3]
+    assert asr.required_frames(asr.encode_text("hello")) == 6
+
+
+def test_unknown_characters_are_a_clear_error():
+    with pytest.raises(ConfigError, match=r"\['!', 'C'\]"):
+        asr.encode_text("Cat!")
+
+
+@pytest.mark.parametrize("bad", [{"subsample": 3}, {"frontend": "lstm"}, {"vocab": "aab"}, {"dropout": 1.0},
+                                 {"lstm_layers": 0}, {"n_mels": 8}])
+def test_bad_configs_are_refused(bad):
+    with pytest.raises(ConfigError):
+        asr.CtcAsrConfig(**bad)  # n_mels=8 < default freq_mask_bins=15
+
+
+def test_config_dict_round_trip():
+    assert asr.CtcAsrConfig.from_dict(TINY.to_dict()) == TINY
+
+
+# --- decoding on hand-made probability matrices -----------------------------------------------------------
+
+def _probs(frames: list[dict[str, float]], vocab: str = asr.DEFAULT_VOCAB) -> np.ndarray:
+    """(1, frames, classes) log-probabilities; '_' is the blank; unlisted classes share the leftover mass."""
+    out = np.zeros((len(frames), len(vocab) + 1))
+    for t, frame in enumerate(frames):
+        rest = (1.0 - sum(frame.values())) / (len(vocab) + 1 - len(frame))
+        out[t] = rest
+        for ch, p in frame.items():
+            out[t, 0 if ch == "_" else vocab.index(ch) + 1] = p
+    return np.log(out)[None]
+
+
+def test_greedy_and_beam_decode_c_a_a_blank_t_to_cat():
+    logits = _probs([{"c": .9}, {"a": .8}, {"a": .7}, {"_": .9}, {"t": .9}])
+    assert asr.greedy_decode(logits, [5]) == ["cat"]
+    assert asr.beam_search_decode(logits, [5], beam_width=8) == ["cat"]
+    ids, _ = keras.ops.ctc_decode(logits.astype(np.float32), np.array([5]), strategy="greedy")
+    assert asr.decode_ids(np.asarray(ids)[0, 0]) == "cat"
+    double = _probs([{"c": .9}, {"a": .8}, {"_": .7}, {"a": .8}, {"t": .9}])
+    assert asr.greedy_decode(double, [5]) == ["caat"]
+    assert asr.greedy_decode(logits, [2]) == ["ca"]  # only the row's own length is read
+
+
+def test_beam_search_sums_paths_where_greedy_cannot():
+    # Each frame: blank .4, a .35. Best path is blank-blank (""), but "a" has three paths: .4025 > .16.
+    logits = _probs([{"_": .4, "a": .35}, {"_": .4, "a": .35}])
+    assert asr.greedy_decode(logits, [2]) == [""]
+    assert asr.beam_search_decode(logits, [2], beam_width=4) == ["a"]
+
+
+def test_beam_search_with_lm_prefers_the_likely_string_when_acoustics_are_ambiguous():
+    logits = _probs([{"c": .9}, {"o": .5, "a": .4}, {"t": .9}])
+    lm = asr.CharNgramLM.fit(["cat", "the cat sat", "a cat", "cats"], order=3, k=0.1)
+    assert asr.beam_search_decode(logits, [3]) == ["cot"]
+    assert asr.beam_search_decode(logits, [3], lm=lm, lm_weight=1.0) == ["cat"]
+    assert lm.score("cat") > lm.score("cot")
+    again = asr.CharNgramLM.from_dict(lm.to_dict())
+    assert again.score("cot") == pytest.approx(lm.score("cot"))
+
+
+def test_beam_search_with_lexicon_keeps_to_known_words():
+    logits = _probs([{"c": .9}, {"o": .5, "a": .4}, {"t": .9}, {" ": .9}, {"o": .6, "a": .3}])
+    lexicon = asr.Lexicon.from_texts(["cat a", "dog"])
+    assert asr.beam_search_decode(logits, [5]) == ["cot o"]
+    assert asr.beam_search_decode(logits, [5], lexicon=lexicon) == ["cat a"]
+
+
+def test_char_ngram_lm_matches_hand_computation():
+    lm = asr.CharNgramLM.fit(["ab"], order=2, k=1.0, vocab="ab")  # events a, b, end: 3
+    assert math.exp(lm.log_prob("", "a")) == pytest.approx((1 + 1) / (1 + 3))
+    assert math.exp(lm.log_prob("", "b")) == pytest.approx(1 / 4)
+    assert math.exp(lm.log_prob("a", "b")) == pytest.approx(2 / 4)
+    assert math.exp(lm.log_prob("b", lm.EOS)) == pytest.approx(2 / 4)
+    assert math.exp(lm.log_prob("bb", "a")) == pytest.approx(1 / 4)  # context b seen once, then end
+    assert lm.score("ab") == pytest.approx(3 * math.log(0.5))
+
+
+# --- error rates --------------------------------------------------------------------------------------------
+
+def test_cer_and_wer_by_hand():
+    assert cer(["cat", "dog"], ["cut", "dog"]) == pytest.approx(1 / 6)
+    assert wer(["the cat sat"], ["the cat"]) == pytest.approx(1 / 3)
+    assert [c.kind for c in char_alignment("cat", "cut")] == ["equal", "substitute", "equal"]
+    with pytest.raises(ConfigError):
+        cer(["a"], ["a", "b"])
