@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 # Flush to a row group at this much buffered payload: keeps the driver flat however long the file
 # (one 30 s log-mel row is ~1 MB) while row groups stay big enough for readers.
 FEATURE_ROW_GROUP_BYTES = 32 * 1024 * 1024
+# float32 features barely compress: snappy took 2.5x the time of no compression to save ~2%; LZ4 (raw)
+# runs as fast as none and DuckDB, Polars and pyarrow all read it.
+FEATURE_COMPRESSION = "lz4"
 _META_COLUMNS = ["source", "segment", "start_s", "duration_s", "n_frames", "config_hash"]
 
 
@@ -115,7 +118,7 @@ class FeaturePartWriter:
         fd, self.local_path = tempfile.mkstemp(prefix="part-", suffix=".parquet.tmp", dir=scratch_dir)
         os.close(fd)
         self._writer = pq.ParquetWriter(
-            self.local_path, FEATURES_V1, compression="snappy",
+            self.local_path, FEATURES_V1, compression=FEATURE_COMPRESSION,
             use_dictionary=["source", "config_hash"], write_statistics=_META_COLUMNS,
         )
         self._pending: list[pa.RecordBatch] = []
@@ -146,7 +149,7 @@ class FeaturePartWriter:
             if drop_sources:
                 table = pq.read_table(self.local_path)
                 table = table.filter(pc.invert(pc.is_in(table["source"], pa.array(sorted(drop_sources)))))
-                pq.write_table(table, self.local_path, compression="snappy",
+                pq.write_table(table, self.local_path, compression=FEATURE_COMPRESSION,
                                use_dictionary=["source", "config_hash"], write_statistics=_META_COLUMNS)
                 self.num_rows = table.num_rows
             _publish_file(fs, self.local_path, dest)
@@ -272,7 +275,7 @@ def _rewrite_features_without(fs, path: str, sources: set[str]) -> None:
     if kept.num_rows == table.num_rows:
         return
     buf = io.BytesIO()
-    pq.write_table(kept, buf, compression="snappy", use_dictionary=["source", "config_hash"],
+    pq.write_table(kept, buf, compression=FEATURE_COMPRESSION, use_dictionary=["source", "config_hash"],
                    write_statistics=_META_COLUMNS)
     write_bytes_atomic(fs, path, buf.getvalue())
 
