@@ -1,0 +1,64 @@
+"""Training end to end on real parts: synth -> featurize -> train on a Dask worker -> registry.
+
+Tiny corpus and 2 epochs: this checks the plumbing (labels joined to shards, checkpoints, resume,
+registry card, report), not model quality (that is benchmarks/quality territory).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from audiopipe.flows.extract_features import featurize
+from audiopipe.flows.synth import synth
+from audiopipe.flows.train_model import detect_config_hash, train_model_flow
+from audiopipe.infra.errors import ConfigError
+from audiopipe.infra.settings import RunSettings
+from audiopipe.infra.storage import StorageSpec
+from audiopipe.models.registry import Registry
+from audiopipe.tasks.training import TrainSpec
+
+pytestmark = [pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def sounds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sounds")
+    synth("sounds", str(root / "corpus"), 64, 1)
+    return root
+
+
+def test_classifier_trains_registers_and_resumes(sounds, tmp_path, prefect_api):
+    settings = RunSettings(workers=1, work_dir=tmp_path / "work")
+    featurize(str(sounds / "corpus" / "audio"), str(tmp_path / "feat"), feature_config=_cfg(), settings=settings)
+    config_hash = detect_config_hash(str(tmp_path / "feat"), StorageSpec())
+    spec = TrainSpec("classify", str(tmp_path / "feat"), str(sounds / "corpus" / "labels" / "labels.parquet"),
+                     str(tmp_path / "reg"), config_hash, epochs=2, batch_size=8, work_dir=str(tmp_path / "work"))
+    first = train_model_flow(spec, settings)
+    assert first["model_ref"].endswith("classify@1") and first["epochs_run"] == 2
+    assert 0.0 <= first["metrics"]["accuracy"] <= 1.0 and first["metrics"]["num_test"] > 0
+    assert (Path(first["report_dir"]) / "confusion.png").exists()
+    registry = Registry(str(tmp_path / "reg"))
+    card = registry.get_card(registry.resolve("classify@1"))
+    assert card.classes and len(card.normalization.mean) == 80 and card.training_data.shards
+    model, _ = registry.load(registry.resolve("classify@1"), tmp_path / "cache")
+    assert model.output_shape[-1] == len(card.classes)
+    # the same command again: the checkpoint says 2 of 2 epochs are done, so nothing is refit
+    again = train_model_flow(spec, settings)
+    assert again["resumed_from_epoch"] == 2 and again["model_ref"].endswith("classify@2")
+    state = json.loads((tmp_path / "work" / "checkpoints" / spec.run_key / "state.json").read_text())
+    assert state["epoch"] == 2
+
+
+def test_gpu_requested_without_gpu_workers_fails_loudly(sounds, tmp_path, prefect_api):
+    spec = TrainSpec("classify", str(tmp_path), str(sounds), str(tmp_path / "reg"), "0" * 12, require_gpu=True)
+    with pytest.raises(ConfigError, match="GPU"):
+        train_model_flow(spec, RunSettings(workers=1, work_dir=tmp_path / "work"))
+
+
+def _cfg():
+    from audiopipe.tasks.features import FeatureConfig
+
+    return FeatureConfig(segment_seconds=10.0)
