@@ -180,8 +180,8 @@ def to_mono(block: np.ndarray) -> np.ndarray:
     """
     if block.shape[1] == 1:
         return block[:, 0]
-    acc = block[:, 0].copy()
-    for ch in range(1, block.shape[1]):
+    acc = np.add(block[:, 0], block[:, 1])  # same sums as copy-then-add, one pass fewer
+    for ch in range(2, block.shape[1]):
         acc += block[:, ch]
     acc *= np.float32(1.0 / block.shape[1])
     return acc
