@@ -140,14 +140,14 @@ def train_model(spec: TrainSpec, storage: StorageSpec) -> TrainResult:
     stats = norm_stats(shards, "train")
     datasets = _datasets(spec, shards, target, target_spec)
     ckpt_dir = Path(spec.work_dir) / "checkpoints" / spec.run_key
-    model, cfg, start_epoch = _model_or_checkpoint(spec, ckpt_dir, shards.num_bins, vocab_or_classes)
+    model, cfg, start_epoch = model_or_checkpoint(spec, ckpt_dir, shards.num_bins, vocab_or_classes)
     if start_epoch == 0:
         set_feature_stats(model, np.asarray(stats.mean), np.asarray(stats.std))
-    history = _fit(spec, model, datasets, ckpt_dir, start_epoch)
+    history = fit_with_checkpoints(spec, model, datasets, ckpt_dir, start_epoch)
     metrics, extras = _evaluate(spec, model, datasets, vocab_or_classes)
     report = Path(spec.work_dir) / "reports" / spec.run_key
     write_training_report(report, spec, history, metrics, extras, vocab_or_classes)
-    ref = _register(spec, storage, model, cfg, shards, stats, vocab_or_classes, metrics, history)
+    ref = register_model(spec, storage, model, cfg, shards, stats, vocab_or_classes, metrics, history)
     return TrainResult(str(ref), metrics, len(history.get("loss", [])), start_epoch, device.kind, str(report))
 
 
@@ -162,7 +162,7 @@ def _datasets(spec: TrainSpec, shards, target, target_spec) -> dict:
     return {"train": make("train", 512), "val": make("val", 0), "test": make("test", 0)}
 
 
-def _model_or_checkpoint(spec: TrainSpec, ckpt_dir: Path, num_bins: int, vocab_or_classes):
+def model_or_checkpoint(spec: TrainSpec, ckpt_dir: Path, num_bins: int, vocab_or_classes):
     import keras
 
     state = ckpt_dir / "state.json"
@@ -175,7 +175,9 @@ def _model_or_checkpoint(spec: TrainSpec, ckpt_dir: Path, num_bins: int, vocab_o
     return model, cfg, 0
 
 
-def _fit(spec: TrainSpec, model, datasets, ckpt_dir: Path, start_epoch: int) -> dict:
+def fit_with_checkpoints(spec: TrainSpec, model, datasets, ckpt_dir: Path, start_epoch: int) -> dict:
+    """``model.fit`` from ``start_epoch`` with early stopping, LR halving on plateaus and a checkpoint
+    (model + history + epoch) after every epoch; returns the whole history, earlier runs included."""
     import keras
 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -199,7 +201,8 @@ def _fit(spec: TrainSpec, model, datasets, ckpt_dir: Path, start_epoch: int) -> 
     return past
 
 
-def _register(spec, storage, model, cfg, shards, stats, vocab_or_classes, metrics, history):
+def register_model(spec, storage, model, cfg, shards, stats, vocab_or_classes, metrics, history):
+    """Save ``model`` and register it with its card (metrics, data snapshot, normalisation, params)."""
     from audiopipe.models.registry import Normalization, Registry, TrainingData
 
     registry = Registry(spec.registry_url, storage)
