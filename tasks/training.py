@@ -21,7 +21,7 @@ from audiopipe.infra.errors import ConfigError
 from audiopipe.infra.storage import StorageSpec
 
 log = logging.getLogger(__name__)
-FAMILIES = ("classify", "asr")
+FAMILIES = ("classify", "asr", "music", "separate")
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,14 @@ def _evaluate(spec: TrainSpec, model, datasets, vocab_or_classes) -> tuple[dict,
 
 def train_model(spec: TrainSpec, storage: StorageSpec) -> TrainResult:
     """Train, evaluate on the test split, register; resumes from this run's last checkpoint if present."""
+    if spec.family == "music":  # trains on note tokens from the labels, not on audio features
+        from audiopipe.tasks.train_music import train_music
+
+        return train_music(spec, storage)
+    if spec.family == "separate":  # trains on STFT magnitudes of the mixtures and their stems
+        from audiopipe.tasks.train_separation import train_separation
+
+        return train_separation(spec, storage)
     import keras
 
     from audiopipe.models.data import norm_stats, open_shard_set
