@@ -179,10 +179,10 @@ def synth(
 
 @app.command()
 def train(
-    family: Annotated[str, typer.Argument(help="Model family: classify or asr.")],
-    features: Annotated[str, typer.Option(help="Featurize output root holding features/ and manifest/.")],
+    family: Annotated[str, typer.Argument(help="Model family: classify, asr, music or separate.")],
     labels: Annotated[str, typer.Option(help="LABELS_V1 table (e.g. OUT/labels/labels.parquet from synth).")],
     registry: Annotated[str, typer.Option(help="Model registry URL.")],
+    features: Annotated[str | None, typer.Option(help="Featurize output root (classify, asr); music trains on the labels' notes, separate on the mixtures' audio.")] = None,
     config_hash: Annotated[str | None, typer.Option(help="Feature partition to train on (auto when only one).")] = None,
     epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping may end sooner).")] = 10,
     batch_size: Annotated[int, typer.Option(help="Examples per batch.")] = 16,
@@ -207,7 +207,11 @@ def train(
         from audiopipe.tasks.training import TrainSpec
 
         storage = StorageSpec({**storage_spec_from_env(None).options, **options})
-        spec = TrainSpec(family, features, labels, registry, config_hash or detect_config_hash(features, storage),
+        if family in ("classify", "asr") and not features:
+            raise ConfigError(f"`train {family}` needs --features: the featurize output to train on.")
+        if features and not config_hash:
+            config_hash = detect_config_hash(features, storage)
+        spec = TrainSpec(family, features or "", labels, registry, config_hash or "",
                          epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                          require_gpu=gpu, model_name=name, work_dir=str(settings.work_dir))
         result = train_model_flow(spec, settings, options)
@@ -217,6 +221,30 @@ def train(
     for key, value in result["metrics"].items():
         table.add_row(key, f"{value:.4g}")
     table.add_row("report", result["report_dir"] + "/index.html")
+    Console().print(table)
+
+
+@app.command()
+def evaluate(
+    model_ref: Annotated[str, typer.Argument(help="REGISTRY_URL:NAME@ALIAS|VERSION, e.g. s3://reg:classify@champion.")],
+    data: Annotated[str, typer.Option(help="Featurize output root of the labelled set (same feature config).")],
+    labels: Annotated[str, typer.Option(help="LABELS_V1 table of that set.")],
+    split: Annotated[str, typer.Option(help="Which split of the labels to score.")] = "test",
+    storage_options: Annotated[str | None, typer.Option(help="fsspec/s3fs options as JSON.")] = None,
+) -> None:
+    """Recompute a registered model's metrics on any labelled set (classify and asr models)."""
+    from audiopipe.infra.storage import StorageSpec, storage_spec_from_env
+    from audiopipe.tasks.training import evaluate_registered
+
+    try:
+        options = split_secrets(dict(storage_spec_from_env(storage_options, env={}).options))
+        storage = StorageSpec({**storage_spec_from_env(None).options, **options})
+        result = evaluate_registered(model_ref, data, labels, storage, split=split)
+    except AudiopipeError as exc:
+        fail(str(exc))
+    table = Table(title=f"{result['model']} on {split}", show_header=False)
+    for key, value in result["metrics"].items():
+        table.add_row(key, f"{value:.4g}")
     Console().print(table)
 
 

@@ -268,3 +268,39 @@ def write_training_report(out: Path, spec: TrainSpec, history: dict, metrics: di
     (out / "index.html").write_text(f"<!doctype html><meta charset='utf-8'><h1>{spec.family}</h1>"
                                     f"<table>{rows}</table>{body}", encoding="utf-8")
     return out / "index.html"
+
+
+def evaluate_registered(model_ref: str, features_url: str, labels_url: str, storage: StorageSpec, *,
+                        split: str = "test", cache_dir: str = ".audiopipe/models", batch_size: int = 16) -> dict:
+    """Recompute a registered classify/asr model's metrics on any labelled, featurized set.
+
+    The card's classes (or vocabulary) and feature config hash decide how labels and shards are read;
+    the model carries its own normalisation statistics.
+
+    Raises:
+        ConfigError: for a family this does not evaluate yet, or labels with classes the model lacks.
+    """
+    from audiopipe.models.data import open_shard_set
+    from audiopipe.models.registry import open_model_ref
+
+    registry, ref = open_model_ref(model_ref, storage)
+    model, card = registry.load(ref, Path(cache_dir))
+    if card.model_family not in ("classify", "asr"):
+        raise ConfigError(f"evaluate supports classify and asr models so far, not {card.model_family!r}.")
+    shards = open_shard_set(features_url, card.feature_config_hash, labels_url, storage)
+    spec = TrainSpec(card.model_family, features_url, labels_url, registry.url, card.feature_config_hash,
+                     batch_size=batch_size)
+    target, target_spec, found = _targets(spec, shards.labels)
+    known = list(card.classes) if card.model_family == "classify" else card.vocabulary
+    if card.model_family == "classify":
+        unknown = set(found) - set(known)
+        if unknown:
+            raise ConfigError(f"labels have classes {sorted(unknown)} that {ref} was not trained on.")
+        index = {c: i for i, c in enumerate(known)}
+        target = lambda row: np.int32(index[row["label"]])  # noqa: E731 - the card's class order
+    from audiopipe.models.data import iter_examples, to_dataset
+
+    test = to_dataset(lambda: iter_examples(shards, split, target), shards.num_bins, batch_size=batch_size,
+                      target_spec=target_spec)
+    metrics, _ = _evaluate(spec, model, {"test": test}, known)
+    return {"model": str(ref), "split": split, "metrics": metrics}

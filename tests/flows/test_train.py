@@ -18,7 +18,7 @@ from audiopipe.infra.errors import ConfigError
 from audiopipe.infra.settings import RunSettings
 from audiopipe.infra.storage import StorageSpec
 from audiopipe.models.registry import Registry
-from audiopipe.tasks.training import TrainSpec
+from audiopipe.tasks.training import TrainSpec, evaluate_registered
 
 pytestmark = [pytest.mark.slow]
 
@@ -45,6 +45,11 @@ def test_classifier_trains_registers_and_resumes(sounds, tmp_path, prefect_api):
     assert card.classes and len(card.normalization.mean) == 80 and card.training_data.shards
     model, _ = registry.load(registry.resolve("classify@1"), tmp_path / "cache")
     assert model.output_shape[-1] == len(card.classes)
+    # evaluate recomputes the card's test metrics from the registry and the shards
+    scored = evaluate_registered(first["model_ref"], str(tmp_path / "feat"),
+                                 str(sounds / "corpus" / "labels" / "labels.parquet"), StorageSpec(),
+                                 cache_dir=str(tmp_path / "cache2"))
+    assert scored["metrics"]["accuracy"] == pytest.approx(card.metrics["accuracy"])
     # the same command again: the checkpoint says 2 of 2 epochs are done, so nothing is refit
     again = train_model_flow(spec, settings)
     assert again["resumed_from_epoch"] == 2 and again["model_ref"].endswith("classify@2")
