@@ -216,8 +216,16 @@ def _aliases_by_version(aliases: dict[str, int]) -> dict[int, str]:
     return {v: ", ".join(a) for v, a in by_version.items()}
 
 
-def _metrics(metrics: dict | object) -> str:
-    return ", ".join(f"{k}={v:.4g}" for k, v in sorted(dict(metrics).items()))
+# The metric each family is judged by, shown first in listings; `show` prints them all.
+HEADLINE_METRICS = ("accuracy", "cer", "wer", "nll_per_note", "nll_vs_bigram", "si_sdri_db", "fraction_of_oracle")
+
+
+def _metrics(metrics: dict | object, limit: int = 3) -> str:
+    items = dict(metrics)
+    keys = [k for k in HEADLINE_METRICS if k in items] or sorted(items)
+    more = len(items) - len(keys[:limit])
+    text = ", ".join(f"{k}={items[k]:.4g}" for k in keys[:limit])
+    return text + (f" (+{more} more)" if more > 0 else "")
 
 
 def _preview(values: tuple[str, ...], limit: int = 12) -> str:

@@ -52,7 +52,7 @@ def synthesize_corpus() -> None:
     """Step 1: write the demo corpus and show what it holds."""
     from audiopipe.tasks.synth import CorpusSpec, write_demo_corpus
 
-    heading("1/4 synthesize corpus")
+    heading("1/5 synthesize corpus")
     started = time.perf_counter()
     manifest = write_demo_corpus(CORPUS, CorpusSpec(n_speech=12, n_tones=6, n_noise=6, include_bad=True))
     counts: dict[str, int] = {}
@@ -77,7 +77,7 @@ def demo_credentials() -> None:
 
 def start_store(store) -> None:
     """Step 2a: start SeaweedFS and point AWS_ENDPOINT_URL at it."""
-    heading("2/4 start a local S3 store and upload the corpus")
+    heading("2/5 start a local S3 store and upload the corpus")
     demo_credentials()
     started = time.perf_counter()
     pid = store.up(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ["AWS_SECRET_ACCESS_KEY"])
@@ -137,7 +137,7 @@ def run_featurize(cli: list[str], title: str) -> float:
 
 def featurize_twice() -> None:
     """Step 3: a full run, then the same command again (incremental: everything is skipped)."""
-    heading("3/4 featurize with the CLI (twice)")
+    heading("3/5 featurize with the CLI (twice)")
     cli = cli_command()
     first = run_featurize(cli, "first run: every file is new")
     second = run_featurize(cli, "second run, same command: nothing new, so everything is skipped")
@@ -172,7 +172,7 @@ def query_output() -> None:
     """Step 4: DuckDB over local copies of the Parquet output (httpfs would need internet to install)."""
     import duckdb
 
-    heading("4/4 query the output with DuckDB")
+    heading("4/5 query the output with DuckDB")
     partitions = download_output()
     console.print(f"copied {OUT_URL}/ to {LOCAL}/ (hive partitions: {', '.join(partitions)})")
     con = duckdb.connect()
@@ -185,6 +185,36 @@ def query_output() -> None:
                     "       n_frames, len(features) AS frames, len(features[1]) AS mels\n"
                     f"FROM read_parquet('{LOCAL}/features/**/*.parquet')\n"
                     "ORDER BY file, segment LIMIT 5")
+
+
+REGISTRY = f"s3://{BUCKET}/registry"
+# Small on purpose: the demo shows the loop in minutes; benchmarks/quality.py trains for quality.
+TRAIN_JOBS = (
+    ("sounds", 160, "classify", ["--epochs", "4"]),
+    ("speech", 120, "asr", ["--epochs", "3", "--batch-size", "8"]),
+)
+
+
+def run_cli(cli: list[str], args: list[str]) -> None:
+    """Run one CLI command in a subprocess, showing it first; stop the demo if it fails."""
+    cmd = [*cli, *args]
+    console.print(f"$ {shown(cmd)}", style="green", soft_wrap=True)
+    if subprocess.run(cmd).returncode != 0:
+        raise SystemExit(f"`{shown(cmd)}` failed; see its output above.")
+
+
+def train_models() -> None:
+    """Step 5: labelled corpora -> features -> small models on a Dask worker -> the registry."""
+    heading("5/5 train small models and register them")
+    cli = cli_command()
+    for kind, n, family, extra in TRAIN_JOBS:
+        root = f"s3://{BUCKET}/train-{kind}"
+        run_cli(cli, ["synth", kind, root, "--n", str(n)])
+        run_cli(cli, ["featurize", f"{root}/audio", f"{root}/features", "--no-progress"])
+        run_cli(cli, ["train", family, "--features", f"{root}/features", "--labels",
+                      f"{root}/labels/labels.parquet", "--registry", REGISTRY, *extra])
+    run_cli(cli, ["models", "list", REGISTRY])
+    console.print("training reports (curves, confusion matrix, transcripts with errors marked): .audiopipe/reports/")
 
 
 def stop_store(store) -> None:
@@ -205,7 +235,7 @@ def _terminate(signum, frame) -> None:  # SIGTERM -> the same clean-up as Ctrl-C
 
 
 def main() -> int:
-    """Run the four steps; the S3 server is stopped whatever happens."""
+    """Run the five steps; the S3 server is stopped whatever happens."""
     os.chdir(REPO)
     signal.signal(signal.SIGTERM, _terminate)
     from audiopipe.infra.errors import AudiopipeError
@@ -219,6 +249,7 @@ def main() -> int:
         upload_corpus()
         featurize_twice()
         query_output()
+        train_models()
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")
         return 130
