@@ -6,6 +6,7 @@ and readers that list the versions they accept. Writers call ``validate_table`` 
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 from audiopipe.infra.errors import SchemaError
@@ -105,3 +106,12 @@ LABELS_V1 = pa.schema(
 LABELS_KINDS = ("speech", "sounds", "music", "mixtures")
 LABELS_MEDIA = ("audio", "midi")
 LABELS_SPLITS = ("train", "val", "test")
+
+
+def features_to_numpy(features: pa.Array | pa.ChunkedArray, num_bins: int) -> list[np.ndarray]:
+    """Read a ``features`` column back into one ``(num_frames, num_bins)`` array per row, loop-free inside rows."""
+    if isinstance(features, pa.ChunkedArray):
+        features = features.combine_chunks()
+    flat = features.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, num_bins)
+    offsets = features.offsets.to_numpy() - features.offsets[0].as_py()
+    return [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from audiopipe.infra.errors import ConfigError
+from audiopipe.infra.schemas import features_to_numpy
 from audiopipe.infra.storage import StorageSpec, join, open_fs
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,6 @@ def open_shard_set(features_url: str, config_hash: str, labels_url: str, storage
 def iter_examples(shards: ShardSet, split: str, target: Callable[[dict], object]
                   ) -> Iterator[tuple[np.ndarray, object]]:
     """Stream ``(frames (T, bins) float32, target)`` for rows whose label is in ``split``, part by part."""
-    from audiopipe.tasks.extract import features_to_numpy
-
     fs, _ = open_fs(shards.protocol_root, shards.storage)
     for part in shards.parts:
         table = pq.read_table(io.BytesIO(fs.cat_file(part)), columns=["source", "features"])
@@ -94,7 +93,8 @@ def iter_examples(shards: ShardSet, split: str, target: Callable[[dict], object]
         if not keep:
             continue
         table = table.take(keep)
-        for source, frames in zip(table["source"].to_pylist(), features_to_numpy(table["features"], shards.num_bins)):
+        frames_per_row = features_to_numpy(table["features"], shards.num_bins)
+        for source, frames in zip(table["source"].to_pylist(), frames_per_row):
             yield frames, target(shards.labels[source])
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from audiopipe.infra.errors import BadAudioError
-from audiopipe.infra.schemas import FEATURES_V1
+from audiopipe.infra.schemas import FEATURES_V1, features_to_numpy  # noqa: F401 - re-exported for readers
 from audiopipe.infra.storage import StorageSpec, open_fs
 from audiopipe.tasks.audio_io import UNSUPPORTED_EXTENSIONS, AudioInfo, iter_segments, open_source, probe
 from audiopipe.tasks.features import FeatureConfig, compute_features
@@ -166,15 +166,6 @@ def feature_batch(source: str, rows: list[tuple[int, float, float, np.ndarray]],
         ],
         schema=FEATURES_V1,
     )
-
-
-def features_to_numpy(features: pa.Array | pa.ChunkedArray, num_bins: int) -> list[np.ndarray]:
-    """Read a ``features`` column back into one ``(num_frames, num_bins)`` array per row, loop-free inside rows."""
-    if isinstance(features, pa.ChunkedArray):
-        features = features.combine_chunks()
-    flat = features.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, num_bins)
-    offsets = features.offsets.to_numpy() - features.offsets[0].as_py()
-    return [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
 
 def warm_up(cfg: FeatureConfig) -> float:
