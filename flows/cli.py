@@ -248,6 +248,38 @@ def evaluate(
     Console().print(table)
 
 
+generate_app = typer.Typer(help="Generate content with a registered model.", no_args_is_help=True)
+app.add_typer(generate_app, name="generate")
+
+
+# --- and anywhere below `fail`/`split_secrets` ---
+@generate_app.command("music")
+def generate_music_cmd(
+    model_ref: Annotated[str, typer.Argument(help="REGISTRY_URL:NAME@VERSION|ALIAS|latest of a music model.")],
+    out_url: Annotated[str, typer.Argument(help="Folder for <name>-v<version>-seed<seed>.mid and .wav (any fsspec URL).")],
+    length: Annotated[int, typer.Option(help="Notes to generate.")] = 128,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (> 0; < 1 safer, > 1 wilder).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed: the same seed gives the same melody.")] = 0,
+    registry: Annotated[str | None, typer.Option(help="Registry URL when MODEL_REF names none.")] = None,
+    storage_options: Annotated[str | None, typer.Option(help="fsspec/s3fs options as JSON.")] = None,
+) -> None:
+    """Sample a melody from a music model; write MIDI and, when fluidsynth is installed, a WAV rendering."""
+    from audiopipe.flows.generate import generate_music
+    from audiopipe.infra.storage import storage_spec_from_env
+
+    try:
+        options = split_secrets(dict(storage_spec_from_env(storage_options, env={}).options))
+        result = generate_music(model_ref, out_url, length=length, temperature=temperature, seed=seed,
+                                registry_url=registry, storage_options=options)
+    except AudiopipeError as exc:
+        fail(str(exc))
+    table = Table(title=f"generated {result['num_notes']} notes from {result['model_ref']}", show_header=False)
+    table.add_row("midi", result["midi_url"])
+    table.add_row("wav", result["wav_url"] or "not rendered (fluidsynth or FluidR3_GM missing)")
+    table.add_row("seconds", str(result["seconds"]))
+    Console().print(table)
+
+
 @store_app.command("up")
 def store_up(
     root: Annotated[Path, typer.Option(help="Folder for the server's data, logs and PID file.")] = Path(".audiopipe/store"),
