@@ -188,7 +188,9 @@ def write_mixtures(out_dir: Path, *, n: int, seed: int, snr_db: tuple[float, flo
     rows = []
     for i in range(n):
         rng, split = item_rng(seed, "mixtures", i), split_for(i)
-        text, background = _sentence(split, rng), MIXTURE_BACKGROUNDS[i % len(MIXTURE_BACKGROUNDS)]
+        # offset by the split cycle so every split sees every background (i % 5 alone gave test only music)
+        background = MIXTURE_BACKGROUNDS[(i + i // len(SPLIT_CYCLE)) % len(MIXTURE_BACKGROUNDS)]
+        text = _sentence(split, rng)
         voice = choose_voice(split, i, rng)
         speech, params = speak_voice(text, voice, rng=rng)
         pads = rng.integers(int(0.1 * SAMPLE_RATE_HZ), int(0.5 * SAMPLE_RATE_HZ), 2)

@@ -228,3 +228,15 @@ def test_synth_rejects_bad_arguments(tmp_path: Path, kind: str, n: int, seed: in
     with pytest.raises(ConfigError, match=match):
         synth(kind, str(tmp_path), n, seed, None)
     assert not any(tmp_path.iterdir())
+
+
+def test_every_split_of_mixtures_sees_every_background(tmp_path):
+    from collections import defaultdict
+
+    from audiopipe.tasks.corpora import MIXTURE_BACKGROUNDS, write_mixtures
+
+    rows = write_mixtures(tmp_path, n=50, seed=0)
+    seen = defaultdict(set)
+    for row in rows:
+        seen[row.split].add(row.label)
+    assert all(seen[split] == set(MIXTURE_BACKGROUNDS) for split in ("train", "val", "test")), dict(seen)

@@ -1,0 +1,419 @@
+"""Training stage (separation): LABELS_V1 ``mixtures`` rows -> a registered BiLSTM mask estimator.
+
+In: a ``TrainSpec`` with ``family="separate"`` whose ``labels_url`` names a LABELS_V1 table with
+``kind="mixtures"`` rows (``source`` = the mixture's URL, ``stems`` = JSON ``{"speech": URL, "background":
+URL}``, ``split``), and the audio those URLs name. Out: a ``TrainResult``; the model is registered with its
+test metrics (SI-SDR improvement of the estimate and of the oracle ideal ratio mask) and a report (training
+curves, estimated vs ideal mask over the mixture's spectrogram) is written under
+``work_dir/reports/<run key>``.
+
+Separation does **not** train on the log-mel shards that ``featurize`` writes: the mask multiplies the
+mixture's linear-frequency STFT, and the inverse STFT needs exactly those bins (a mel mask cannot be inverted
+without an approximate pseudo-inverse, and the ideal ratio mask it is compared with is defined on the STFT).
+So this module reads the mixture and its clean speech stem from the store, resamples them to
+``cfg.sampling_rate`` and computes magnitudes with ``models.separation.stft_mag_phase``, the same function
+inference uses; ``spec.features_url`` and ``spec.config_hash`` are not used. No Prefect or Dask imports here.
+
+``spec.model_overrides`` takes ``SeparationConfig`` fields and the training options in ``TRAIN_OPTIONS``:
+``crop_frames`` (random windows of that many STFT frames per training example; 0 = whole clips),
+``remix_fraction`` (share of training examples remixed from a random speech/background stem pair) and
+``cache_examples`` (keep the decoded training audio in memory after the first epoch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import posixpath
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import soundfile as sf
+
+from audiopipe.infra.errors import BadAudioError, ConfigError
+from audiopipe.infra.storage import StorageSpec, open_fs, split_protocol
+from audiopipe.models.separation import SeparationConfig
+from audiopipe.tasks.audio_io import resample, to_mono
+from audiopipe.tasks.training import TrainResult, TrainSpec, fit_with_checkpoints, write_training_report
+
+log = logging.getLogger(__name__)
+
+FAMILY = "separate"
+SPLITS = ("train", "val", "test")
+# Stems resampled from another rate may differ from the mixture by a sample; past this, the row is wrong.
+STEM_LENGTH_TOLERANCE_SAMPLES = 2
+# Floor for the per-bin std of log1p(magnitude): bins that are silent in all training audio (above the
+# Nyquist of band-limited sources) must not blow up a test clip's faint energy there.
+MIN_LOG_MAGNITUDE_STD = 1e-3
+# 256 frames = 2.05 s at hop 128 / 16 kHz: long enough for syllable context, short enough that a batch of
+# crops costs the same whatever the clip lengths (as Open-Unmix's fixed-duration training chunks).
+# remix_fraction: share of training examples remixed from random stem pairs (``training_pair``).
+TRAIN_OPTIONS = {"crop_frames": 256, "remix_fraction": 0.8, "cache_examples": False}
+REMIX_SNR_DB = (-5.0, 10.0)  # synth's mixtures range, used when the labels record no SNR
+BUCKET_EDGES_FRAMES = (256, 512, 1024, 2048)
+# Open-Unmix trains with Adam; clipping the gradient norm guards the BiLSTMs against the odd exploding batch.
+CLIPNORM = 5.0
+AudioLoader = Callable[[str], np.ndarray]
+
+
+@dataclass(frozen=True)
+class MixtureItem:
+    """One labelled mixture: its URL, its clean stems' URLs, its split and SNR (dB, speech to background)."""
+
+    source: str
+    speech: str
+    background: str
+    split: str
+    snr_db: float | None = None
+
+
+def load_mixture_items(labels_url: str, storage: StorageSpec) -> tuple[list[MixtureItem], str]:
+    """The ``kind="mixtures"`` audio rows of a LABELS_V1 table, and the sha256 of the table's bytes.
+
+    Raises:
+        ConfigError: the table cannot be read, has no mixtures rows, or a row lacks its speech/background stem.
+    """
+    fs, path = open_fs(labels_url, storage)
+    try:
+        blob = fs.cat_file(path)
+        rows = pq.read_table(io.BytesIO(blob)).to_pylist()
+    except (FileNotFoundError, ValueError) as exc:  # ValueError: pyarrow's ArrowInvalid (not Parquet)
+        raise ConfigError(f"cannot read the labels table {labels_url}: {exc}") from exc
+    items = []
+    for row in rows:
+        if row.get("kind") != "mixtures" or row.get("media", "audio") != "audio":
+            continue
+        try:
+            stems = json.loads(row.get("stems") or "{}")
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"labels row {row['source']} has a `stems` value that is not JSON") from exc
+        if not stems.get("speech") or not stems.get("background"):
+            raise ConfigError(f"labels row {row['source']} names no speech and background stems "
+                              f"(stems={row.get('stems')!r}); separation needs both.")
+        if row.get("split") not in SPLITS:
+            raise ConfigError(f"labels row {row['source']} has split {row.get('split')!r}, not one of {SPLITS}")
+        items.append(MixtureItem(row["source"], stems["speech"], stems["background"], row["split"], row.get("snr_db")))
+    if not items:
+        raise ConfigError(f"{labels_url} has no kind='mixtures' rows; make some with "
+                          "`audiopipe synth mixtures OUT_URL --n N`.")
+    return items, hashlib.sha256(blob).hexdigest()
+
+
+def missing_files(items: list[MixtureItem], storage: StorageSpec) -> list[str]:
+    """URLs of mixtures and stems that are not in the store, found with one listing per folder (not one
+    request per file), so a bad labels table fails before training instead of mid-epoch inside ``tf.data``."""
+    listed: dict[tuple[str, str], set[str]] = {}
+    missing = []
+    for url in (u for item in items for u in (item.source, item.speech, item.background)):
+        fs, path = open_fs(url, storage)
+        key = (split_protocol(url), posixpath.dirname(path))
+        if key not in listed:
+            try:
+                listed[key] = {p.rstrip("/") for p in fs.ls(key[1], detail=False)}
+            except FileNotFoundError:
+                listed[key] = set()
+        if path not in listed[key]:
+            missing.append(url)
+    return missing
+
+
+def load_mono(url: str, storage: StorageSpec, *, sampling_rate: int) -> np.ndarray:
+    """Decode ``url`` with soundfile -> float32 mono ``(num_samples,)`` at ``sampling_rate`` Hz.
+
+    Raises:
+        BadAudioError: missing, undecodable, empty or non-finite audio (the message names the URL).
+    """
+    fs, path = open_fs(url, storage)
+    try:  # other storage errors propagate unchanged: they may be transient, the file may be fine
+        blob = fs.cat_file(path)
+    except FileNotFoundError as exc:
+        raise BadAudioError(f"{url}: no such file (the labels name audio that is not in the store)") from exc
+    try:
+        data, rate = sf.read(io.BytesIO(blob), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError) as exc:
+        raise BadAudioError(f"{url}: cannot decode audio: {exc}") from exc
+    if data.size == 0 or not np.isfinite(data).all():
+        raise BadAudioError(f"{url}: audio is empty or holds NaN/inf samples")
+    return resample(to_mono(data), rate, sampling_rate)
+
+
+def audio_loader(storage: StorageSpec, *, sampling_rate: int, cache: bool = False) -> AudioLoader:
+    """``url -> load_mono(url)``; ``cache`` keeps each decoded file in memory (230 MB per hour of audio)."""
+    memo: dict[str, np.ndarray] = {}
+
+    def load(url: str) -> np.ndarray:
+        if url in memo:
+            return memo[url]
+        samples = load_mono(url, storage, sampling_rate=sampling_rate)
+        if cache:
+            memo[url] = samples
+        return samples
+
+    return load
+
+
+def load_triplet(item: MixtureItem, load: AudioLoader) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mixture, speech, background) of one labelled mixture, float32 mono, trimmed to one length.
+
+    Raises:
+        BadAudioError: a file is unusable, or the stems' lengths differ from the mixture's by more than
+            ``STEM_LENGTH_TOLERANCE_SAMPLES``.
+    """
+    audio = [load(url) for url in (item.source, item.speech, item.background)]
+    lengths = [a.size for a in audio]
+    if max(lengths) - min(lengths) > STEM_LENGTH_TOLERANCE_SAMPLES:
+        raise BadAudioError(f"{item.source}: mixture and stems have different lengths {lengths} (samples); "
+                            "the stems must be sample-aligned with the mixture.")
+    n = min(lengths)
+    return audio[0][:n], audio[1][:n], audio[2][:n]
+
+
+def training_pair(items: list[MixtureItem], index: int, load: AudioLoader, rng: np.random.Generator, *,
+                  remix_fraction: float, snr_range_db: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """(mixture, clean speech) waveforms for training example ``index``.
+
+    With probability ``remix_fraction`` (Open-Unmix's random track mixing) the item's speech stem is mixed
+    by ``mix_at_snr``, as ``synth`` mixes, with a random item's background stem cut or padded at a random
+    offset, at an SNR uniform in ``snr_range_db``: every epoch sees new mixtures. Otherwise, or when a stem
+    is silent, the labelled mixture and its speech stem are used.
+    """
+    from audiopipe.tasks.corpora_sounds import fit_length, mix_at_snr
+
+    item = items[index]
+    if rng.random() < remix_fraction:
+        speech = load(item.speech)
+        background = fit_length(load(items[int(rng.integers(len(items)))].background), speech.size, rng)
+        try:
+            mixture, speech_stem, _ = mix_at_snr(speech, background, float(rng.uniform(*snr_range_db)))
+            return mixture, speech_stem
+        except ValueError:  # a silent stem has no SNR: fall back to the labelled mixture
+            pass
+    mixture, speech, _ = load_triplet(item, load)
+    return mixture, speech
+
+
+def log_magnitude_stats(items: list[MixtureItem], load: AudioLoader, *, cfg: SeparationConfig
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-bin mean and std of ``log1p(|STFT|)`` over every frame of the training mixtures (float64 sums),
+    the statistics the model's ``feature_norm`` layer applies after its ``Log1p``."""
+    from audiopipe.models.separation import stft_mag_phase
+
+    total, total_sq, count = np.zeros(cfg.num_bins), np.zeros(cfg.num_bins), 0
+    for item in items:
+        frames = np.log1p(stft_mag_phase(load(item.source), cfg=cfg)[0])
+        total += frames.sum(axis=0, dtype=np.float64)
+        total_sq += np.square(frames, dtype=np.float64).sum(axis=0)
+        count += frames.shape[0]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    return mean, np.maximum(std, MIN_LOG_MAGNITUDE_STD)
+
+
+def split_overrides(overrides: dict) -> tuple[SeparationConfig, dict]:
+    """``spec.model_overrides`` -> (the ``SeparationConfig``, the training options merged over ``TRAIN_OPTIONS``).
+
+    Raises:
+        ConfigError: an unknown key, a negative ``crop_frames`` or a ``remix_fraction`` outside [0, 1].
+    """
+    cfg_keys = {f.name for f in fields(SeparationConfig)}
+    unknown = set(overrides) - cfg_keys - set(TRAIN_OPTIONS)
+    if unknown:
+        raise ConfigError(f"unknown separation overrides {sorted(unknown)}; use SeparationConfig fields "
+                          f"{sorted(cfg_keys)} or training options {sorted(TRAIN_OPTIONS)}.")
+    options = {**TRAIN_OPTIONS, **{k: v for k, v in overrides.items() if k in TRAIN_OPTIONS}}
+    if int(options["crop_frames"]) < 0 or not 0.0 <= float(options["remix_fraction"]) <= 1.0:
+        raise ConfigError(f"need crop_frames >= 0 (0: whole clips) and remix_fraction in [0, 1]: {options}")
+    return SeparationConfig(**{k: v for k, v in overrides.items() if k in cfg_keys}), options
+
+
+def separation_dataset(items: list[MixtureItem], load: AudioLoader, *, cfg: SeparationConfig, batch_size: int,
+                       crop_frames: int = 0, remix_fraction: float = 0.0, shuffle: bool = False, seed: int = 0):
+    """A ``tf.data.Dataset`` of ``({"magnitude", "lengths"}, {"estimate": speech magnitude})`` batches.
+
+    A generator makes each example (``training_pair``, then ``stft_mag_phase`` of mixture and speech), in a
+    fresh random order per epoch when ``shuffle``, cut to a random window of ``crop_frames`` frames when
+    longer; batches are bucketed by length and zero-padded; ``lengths`` (int32, frames) tells the model
+    where each row's padding starts. One seeded generator drives order, remixes and crops.
+    """
+    import tensorflow as tf
+
+    from audiopipe.models.separation import stft_mag_phase
+
+    rng, snrs = np.random.default_rng(seed), [i.snr_db for i in items if i.snr_db is not None]
+    snrs = (min(snrs), max(snrs)) if snrs else REMIX_SNR_DB  # the labelled mixtures' span
+
+    def gen():
+        for i in rng.permutation(len(items)) if shuffle else range(len(items)):
+            pair = training_pair(items, int(i), load, rng, remix_fraction=remix_fraction, snr_range_db=snrs)
+            mix, speech = (stft_mag_phase(x, cfg=cfg)[0] for x in pair)
+            if crop_frames and len(mix) > crop_frames:
+                start = int(rng.integers(len(mix) - crop_frames + 1))
+                mix, speech = mix[start:start + crop_frames], speech[start:start + crop_frames]
+            yield {"magnitude": mix, "lengths": np.int32(len(mix))}, {"estimate": speech}
+
+    frames = tf.TensorSpec((None, cfg.num_bins), tf.float32)
+    ds = tf.data.Dataset.from_generator(gen, output_signature=(
+        {"magnitude": frames, "lengths": tf.TensorSpec((), tf.int32)}, {"estimate": frames}))
+    ds = ds.bucket_by_sequence_length(lambda x, y: x["lengths"], list(BUCKET_EDGES_FRAMES),
+                                      [batch_size] * (len(BUCKET_EDGES_FRAMES) + 1))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def evaluate_separation(model, items: list[MixtureItem], load: AudioLoader, *, cfg: SeparationConfig
+                        ) -> tuple[dict, dict]:
+    """SI-SDR improvements (dB) of the model's estimate and of the oracle IRM over the mixture, per test item.
+
+    Returns:
+        ``metrics`` (``si_sdri_db`` and ``oracle_irm_si_sdri_db`` means, ``fraction_of_oracle`` when the
+        oracle improves at all, the means of the mixture's and estimate's SI-SDR, ``num_test``), and for the
+        report the first item's mixture magnitude, ideal and estimated masks (``(frames, bins)``).
+    """
+    from audiopipe.models.separation import (apply_mask_istft, irm, separate, si_sdr, si_sdr_improvement,
+                                             stft_mag_phase)
+
+    model_i, oracle_i, mix_sdr, est_sdr, example = [], [], [], [], {}
+    for item in items:
+        mixture, speech, background = load_triplet(item, load)
+        estimate = separate(model, mixture, cfg=cfg)
+        ideal = irm(speech, background, cfg=cfg)
+        model_i.append(si_sdr_improvement(speech, estimate, mixture))
+        oracle_i.append(si_sdr_improvement(speech, apply_mask_istft(mixture, ideal, cfg=cfg), mixture))
+        mix_sdr.append(si_sdr(speech, mixture))
+        est_sdr.append(si_sdr(speech, estimate))
+        if not example:
+            magnitude = stft_mag_phase(mixture, cfg=cfg)[0]
+            out = model.predict({"magnitude": magnitude[None], "lengths": np.array([len(magnitude)], np.int32)},
+                                verbose=0)
+            example = {"source": item.source, "snr_db": item.snr_db, "magnitude": magnitude, "ideal": ideal,
+                       "estimated": np.asarray(out["mask"][0], np.float32)}
+    metrics = {"si_sdri_db": float(np.mean(model_i)), "oracle_irm_si_sdri_db": float(np.mean(oracle_i)),
+               "mixture_si_sdr_db": float(np.mean(mix_sdr)), "estimate_si_sdr_db": float(np.mean(est_sdr)),
+               "num_test": len(items)}
+    if metrics["oracle_irm_si_sdri_db"] > 0:  # a ratio to a non-improving oracle means nothing
+        metrics["fraction_of_oracle"] = metrics["si_sdri_db"] / metrics["oracle_irm_si_sdri_db"]
+    return metrics, example
+
+
+def save_mask_figure(out: Path, example: dict, *, cfg: SeparationConfig) -> Path:
+    """PNG of one test mixture: its spectrogram (dB), the ideal ratio mask, the estimated mask and their
+    difference, on shared time (s) and frequency (kHz) axes. Returns the file's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    magnitude, ideal, estimated = example["magnitude"], example["ideal"], example["estimated"]
+    extent = (0.0, magnitude.shape[0] * cfg.hop / cfg.sampling_rate, 0.0, cfg.sampling_rate / 2000)
+    panels = (("mixture |STFT| (dB)", 20 * np.log10(magnitude + 1e-6), "magma", None),
+              ("ideal ratio mask", ideal, "viridis", (0, 1)),
+              ("estimated mask", estimated, "viridis", (0, 1)),
+              ("estimated - ideal", estimated - ideal, "coolwarm", (-1, 1)))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 10), sharex=True)
+    for ax, (title, data, cmap, limits) in zip(axes, panels):
+        image = ax.imshow(data.T, origin="lower", aspect="auto", extent=extent, cmap=cmap,
+                          vmin=limits[0] if limits else None, vmax=limits[1] if limits else None)
+        ax.set(title=title, ylabel="kHz")
+        fig.colorbar(image, ax=ax)
+    axes[-1].set_xlabel("time (s)")
+    snr = f", SNR {example['snr_db']:.1f} dB" if example.get("snr_db") is not None else ""
+    fig.suptitle(f"{example['source'].rsplit('/', 1)[-1]}{snr}")
+    fig.tight_layout()
+    path = out / "masks.png"
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def train_separation(spec: TrainSpec, storage: StorageSpec) -> TrainResult:
+    """Train the mask estimator on the mixtures in ``spec.labels_url``, evaluate on its test split, register.
+
+    Resumes from this run's last checkpoint (``work_dir/checkpoints/<run key>``) when there is one.
+
+    Raises:
+        ConfigError: wrong family, bad overrides, no mixtures, an empty train/val/test split, or labels
+            naming mixtures or stems that are not in the store.
+        BadAudioError: a mixture or stem that cannot be used (naming its URL).
+    """
+    import keras
+
+    from audiopipe.models.device import select_device
+    from audiopipe.models.layers import set_feature_stats
+
+    if spec.family != FAMILY:
+        raise ConfigError(f"train_separation trains family {FAMILY!r}, not {spec.family!r}")
+    cfg, options = split_overrides(spec.model_overrides)
+    items, labels_sha256 = load_mixture_items(spec.labels_url, storage)
+    by_split = {s: [i for i in items if i.split == s] for s in SPLITS}
+    empty = [s for s in SPLITS if not by_split[s]]
+    if empty:
+        raise ConfigError(f"{spec.labels_url} has no mixtures in split(s) {empty}; make more with synth --n.")
+    missing = missing_files(items, storage)
+    if missing:
+        raise ConfigError(f"{spec.labels_url} names {len(missing)} audio files that are not in the store, "
+                          f"e.g. {missing[0]}; fix the labels' source/stems URLs or upload the audio.")
+    device = select_device(spec.require_gpu)
+    keras.utils.set_random_seed(spec.seed)
+    load = audio_loader(storage, sampling_rate=cfg.sampling_rate, cache=bool(options["cache_examples"]))
+    ckpt_dir = Path(spec.work_dir) / "checkpoints" / spec.run_key
+    model, start_epoch = _model_or_checkpoint(spec, ckpt_dir, cfg)
+    if start_epoch == 0:
+        set_feature_stats(model, *log_magnitude_stats(by_split["train"], load, cfg=cfg))
+    datasets = {"train": separation_dataset(
+        by_split["train"], load, cfg=cfg, batch_size=spec.batch_size, crop_frames=int(options["crop_frames"]),
+        remix_fraction=float(options["remix_fraction"]), shuffle=True, seed=spec.seed + start_epoch),
+        "val": separation_dataset(by_split["val"], load, cfg=cfg, batch_size=spec.batch_size)}
+    history = fit_with_checkpoints(spec, model, datasets, ckpt_dir, start_epoch)
+    test_load = audio_loader(storage, sampling_rate=cfg.sampling_rate)
+    metrics, example = evaluate_separation(model, by_split["test"], test_load, cfg=cfg)
+    log.info("separation test metrics: %s", {k: round(v, 3) for k, v in metrics.items()})
+    report = Path(spec.work_dir) / "reports" / spec.run_key
+    write_training_report(report, spec, history, metrics, {}, ())
+    index = report / "index.html"  # the shared report knows no masks: link ours below its curves
+    index.write_text(index.read_text(encoding="utf-8") + "<h2>Masks, one test mixture</h2><img src="
+                     f"'{save_mask_figure(report, example, cfg=cfg).name}'>", encoding="utf-8")
+    ref = _register(spec, storage, model, cfg, options, metrics, history, labels_sha256,
+                    {s: len(v) for s, v in by_split.items()})
+    return TrainResult(str(ref), metrics, len(history.get("loss", [])), start_epoch, device.kind, str(report))
+
+
+def _model_or_checkpoint(spec: TrainSpec, ckpt_dir: Path, cfg: SeparationConfig):
+    """A freshly built and compiled model (epoch 0) or the checkpoint of a killed run and its epoch."""
+    import keras
+
+    from audiopipe.models.separation import build_separation, separation_losses
+
+    state = ckpt_dir / "state.json"
+    if state.exists():
+        epoch = json.loads(state.read_text())["epoch"]
+        log.info("resuming %s from its checkpoint after epoch %d", spec.run_key, epoch)
+        return keras.saving.load_model(ckpt_dir / "last.keras", safe_mode=True), epoch
+    model = build_separation(cfg)
+    model.compile(keras.optimizers.Adam(spec.learning_rate, clipnorm=CLIPNORM), loss=separation_losses())
+    return model, 0
+
+
+def _register(spec: TrainSpec, storage: StorageSpec, model, cfg: SeparationConfig, options: dict, metrics: dict,
+              history: dict, labels_sha256: str, split_counts: dict):
+    """Save ``model`` and register it; the training data is the labels table (URL + content hash)."""
+    from audiopipe.models.registry import Normalization, Registry, TrainingData
+
+    norm = model.get_layer("feature_norm")
+    feature_config = {"kind": "stft", "sampling_rate": cfg.sampling_rate, "n_fft": cfg.n_fft, "hop": cfg.hop,
+                      "window": "hann", "center": True, "magnitude": "linear"}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.keras"
+        model.save(path)
+        return Registry(spec.registry_url, storage).register(
+            spec.model_name or spec.family, str(path), family=FAMILY, metrics=metrics,
+            feature_config=feature_config, training_data=TrainingData.of([spec.labels_url], labels_sha256),
+            normalization=Normalization.of(np.asarray(norm.mean), np.asarray(norm.std)), classes=("speech",),
+            params={"spec": asdict(spec), "model_config": cfg.to_dict(), "train_options": options,
+                    "optimizer": {"name": "adam", "clipnorm": CLIPNORM}, "split_counts": split_counts},
+            history=history, extra={"labels_url": spec.labels_url, "split_counts": split_counts,
+                                    "normalization_of": "log1p(|STFT| of the mixture)"})
