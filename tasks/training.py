@@ -200,12 +200,16 @@ def fit_with_checkpoints(spec: TrainSpec, model, datasets, ckpt_dir: Path, start
             history_file.write_text(json.dumps(past))
             (ckpt_dir / "state.json").write_text(json.dumps({"epoch": epoch + 1}))
 
-    if start_epoch < spec.epochs:
+    state_file = ckpt_dir / "state.json"
+    finished = state_file.exists() and json.loads(state_file.read_text()).get("done", False)
+    if start_epoch < spec.epochs and not finished:  # a run that stopped early is done, not resumable
         callbacks = [keras.callbacks.EarlyStopping(patience=spec.patience, restore_best_weights=True),
                      keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=max(1, spec.patience // 2)),
                      SaveState()]
         model.fit(datasets["train"], validation_data=datasets["val"], epochs=spec.epochs,
                   initial_epoch=start_epoch, callbacks=callbacks, verbose=2)
+        model.save(ckpt_dir / "last.keras")  # the restored best weights, not the last epoch's
+        state_file.write_text(json.dumps({"epoch": len(past.get("loss", [])), "done": True}))
     return past
 
 

@@ -78,7 +78,7 @@ def test_resumes_a_killed_run_from_its_last_checkpoint(trained):
     (ckpt / "history.json").write_text(json.dumps({k: v[:1] for k, v in history.items()}))
     again = train_music(spec, StorageSpec())
     assert again.resumed_from_epoch == 1 and again.epochs_run == 2 and again.model_ref.endswith("music@2")
-    assert json.loads((ckpt / "state.json").read_text()) == {"epoch": 2}
+    assert json.loads((ckpt / "state.json").read_text()) == {"epoch": 2, "done": True}
 
 
 def test_generate_writes_midi_with_length_notes_and_a_wav(trained, tmp_path):

@@ -75,7 +75,7 @@ def test_trains_registers_reports_and_resumes(mixtures, tmp_path):
     (ckpt / "history.json").write_text(json.dumps({k: v[:1] for k, v in history.items()}))
     second = ts.train_separation(spec, STORAGE)
     assert second.resumed_from_epoch == 1 and second.epochs_run == 2
-    assert json.loads((ckpt / "state.json").read_text()) == {"epoch": 2}
+    assert json.loads((ckpt / "state.json").read_text()) == {"epoch": 2, "done": True}
     assert registry.list_versions("separate") == [1, 2]
     assert second.metrics["oracle_irm_si_sdri_db"] == pytest.approx(m["oracle_irm_si_sdri_db"])
 
