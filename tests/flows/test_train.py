@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from audiopipe.flows.extract_features import featurize
@@ -50,6 +52,19 @@ def test_classifier_trains_registers_and_resumes(sounds, tmp_path, prefect_api):
                                  str(sounds / "corpus" / "labels" / "labels.parquet"), StorageSpec(),
                                  cache_dir=str(tmp_path / "cache2"))
     assert scored["metrics"]["accuracy"] == pytest.approx(card.metrics["accuracy"])
+    # labels with a class the model never saw, and a feature config the model was not trained on
+    labels = pq.read_table(sounds / "corpus" / "labels" / "labels.parquet")
+    labels = labels.set_column(labels.schema.get_field_index("label"), "label",
+                               pa.array(["kazoo"] + labels["label"].to_pylist()[1:]))
+    pq.write_table(labels, tmp_path / "kazoo.parquet")
+    with pytest.raises(ConfigError, match="kazoo"):
+        evaluate_registered(first["model_ref"], str(tmp_path / "feat"), str(tmp_path / "kazoo.parquet"),
+                            StorageSpec(), cache_dir=str(tmp_path / "cache2"))
+    featurize(str(sounds / "corpus" / "audio"), str(tmp_path / "feat"), settings=settings,
+              feature_config=_cfg().__class__(segment_seconds=10.0, n_mels=40))
+    with pytest.raises(ConfigError, match="no committed feature shards"):
+        evaluate_registered(first["model_ref"], str(tmp_path / "other"), str(tmp_path / "kazoo.parquet"),
+                            StorageSpec(), cache_dir=str(tmp_path / "cache2"))
     # the same command again: the checkpoint says 2 of 2 epochs are done, so nothing is refit
     again = train_model_flow(spec, settings)
     assert again["resumed_from_epoch"] == 2 and again["model_ref"].endswith("classify@2")
@@ -61,6 +76,23 @@ def test_gpu_requested_without_gpu_workers_fails_loudly(sounds, tmp_path, prefec
     spec = TrainSpec("classify", str(tmp_path), str(sounds), str(tmp_path / "reg"), "0" * 12, require_gpu=True)
     with pytest.raises(ConfigError, match="GPU"):
         train_model_flow(spec, RunSettings(workers=1, work_dir=tmp_path / "work"))
+
+
+def test_labels_for_sources_never_featurized_are_refused(sounds, tmp_path, prefect_api):
+    from audiopipe.models.data import open_shard_set
+
+    feat = tmp_path / "feat"
+    featurize(str(sounds / "corpus" / "audio"), str(feat), feature_config=_cfg(),
+              settings=RunSettings(workers=1, work_dir=tmp_path / "work"))
+    labels = pq.read_table(sounds / "corpus" / "labels" / "labels.parquet")
+    ghost = [dict(labels.slice(0, 1).to_pylist()[0], source="file:///nowhere/ghost.wav")]
+    ghost = pa.Table.from_pylist(ghost, schema=labels.schema)
+    pq.write_table(pa.concat_tables([labels, ghost]), tmp_path / "ghost.parquet")
+    with pytest.raises(ConfigError, match="no manifest row"):
+        open_shard_set(str(feat), detect_config_hash(str(feat), StorageSpec()), str(tmp_path / "ghost.parquet"),
+                       StorageSpec())
+    with pytest.raises(ConfigError, match="no committed feature shards"):  # empty: nothing featurized there
+        open_shard_set(str(tmp_path / "empty"), "0" * 12, str(tmp_path / "ghost.parquet"), StorageSpec())
 
 
 def _cfg():
