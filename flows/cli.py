@@ -230,6 +230,7 @@ def evaluate(
     data: Annotated[str, typer.Option(help="Featurize output root of the labelled set (same feature config).")],
     labels: Annotated[str, typer.Option(help="LABELS_V1 table of that set.")],
     split: Annotated[str, typer.Option(help="Which split of the labels to score.")] = "test",
+    show: Annotated[int, typer.Option(help="ASR: print this many reference/hypothesis transcripts.")] = 0,
     storage_options: Annotated[str | None, typer.Option(help="fsspec/s3fs options as JSON.")] = None,
 ) -> None:
     """Recompute a registered model's metrics on any labelled set (classify and asr models)."""
@@ -246,6 +247,8 @@ def evaluate(
     for key, value in result["metrics"].items():
         table.add_row(key, f"{value:.4g}")
     Console().print(table)
+    for ref, hyp in result["transcripts"][:show]:
+        Console().print(f"[dim]ref[/dim] {ref}\n[{'green' if ref == hyp else 'yellow'}]hyp[/] {hyp}", markup=True)
 
 
 generate_app = typer.Typer(help="Generate content with a registered model.", no_args_is_help=True)

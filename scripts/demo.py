@@ -214,6 +214,11 @@ def train_models() -> None:
         run_cli(cli, ["train", family, "--features", f"{root}/features", "--labels",
                       f"{root}/labels/labels.parquet", "--registry", REGISTRY, *extra])
     run_cli(cli, ["models", "list", REGISTRY])
+    speech = f"s3://{BUCKET}/train-speech"
+    console.print("transcribing held-out clips (a model this small and this briefly trained mostly babbles: "
+                  "benchmarks/quality.py trains for real)")
+    run_cli(cli, ["evaluate", f"{REGISTRY}:asr@latest", "--data", f"{speech}/features", "--labels",
+                  f"{speech}/labels/labels.parquet", "--show", "3"])
     console.print("training reports (curves, confusion matrix, transcripts with errors marked): .audiopipe/reports/")
 
 

@@ -306,5 +306,5 @@ def evaluate_registered(model_ref: str, features_url: str, labels_url: str, stor
 
     test = to_dataset(lambda: iter_examples(shards, split, target), shards.num_bins, batch_size=batch_size,
                       target_spec=target_spec)
-    metrics, _ = _evaluate(spec, model, {"test": test}, known)
-    return {"model": str(ref), "split": split, "metrics": metrics}
+    metrics, extras = _evaluate(spec, model, {"test": test}, known)
+    return {"model": str(ref), "split": split, "metrics": metrics, "transcripts": extras.get("transcripts", [])}
