@@ -215,7 +215,7 @@ def train_models() -> None:
                       f"{root}/labels/labels.parquet", "--registry", REGISTRY, *extra])
     run_cli(cli, ["models", "list", REGISTRY])
     speech = f"s3://{BUCKET}/train-speech"
-    console.print("transcribing held-out clips (a model this small and this briefly trained mostly babbles: "
+    console.print("transcribing held-out clips (a model this small and this briefly trained outputs mostly blanks: "
                   "benchmarks/quality.py trains for real)")
     run_cli(cli, ["evaluate", f"{REGISTRY}:asr@latest", "--data", f"{speech}/features", "--labels",
                   f"{speech}/labels/labels.parquet", "--show", "3"])
