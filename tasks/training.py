@@ -42,6 +42,7 @@ class TrainSpec:
     model_name: str | None = None
     work_dir: str = ".audiopipe"
     model_overrides: dict = field(default_factory=dict)
+    cache_examples: bool = True  # keep decoded train/val examples in RAM after epoch 1 (off for huge sets)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -165,7 +166,7 @@ def _datasets(spec: TrainSpec, shards, target, target_spec) -> dict:
     def make(split: str, shuffle: int):
         return to_dataset(lambda: iter_examples(shards, split, target), shards.num_bins, batch_size=spec.batch_size,
                           target_spec=target_spec, shuffle=shuffle, seed=spec.seed,
-                          bucket_edges=(200, 400, 800, 1600))
+                          bucket_edges=(200, 400, 800, 1600), cache=spec.cache_examples and split != "test")
 
     return {"train": make("train", 512), "val": make("val", 0), "test": make("test", 0)}
 
