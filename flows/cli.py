@@ -61,6 +61,13 @@ def load_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def cli_storage_options(options_json: str | None) -> dict[str, Any]:
+    """``--storage-options`` JSON as a dict, with any credentials moved into the environment."""
+    from audiopipe.infra.storage import storage_spec_from_env
+
+    return split_secrets(dict(storage_spec_from_env(options_json, env={}).options))
+
+
 def split_secrets(options: dict[str, Any]) -> dict[str, Any]:
     """Move credentials out of storage options into this process's environment.
 
@@ -127,10 +134,10 @@ def _featurize(in_url: str, out_url: str, given: dict[str, Any], config: Path | 
     options = split_secrets(options)
     apply_prefect_defaults(settings.work_dir)
     from audiopipe.flows.extract_features import featurize as run_flow
-    from audiopipe.infra.storage import StorageSpec, storage_spec_from_env
+    from audiopipe.infra.storage import merged_storage_spec
     from audiopipe.tasks.discover import check_output_writable, list_audio_sources
 
-    storage = StorageSpec({**storage_spec_from_env(None).options, **options})
+    storage = merged_storage_spec(options)
     check_output_writable(out_url, storage)  # user errors surface here, before Prefect starts
     list_audio_sources(in_url, storage)
     report_dir = str(merged["report"]) if merged.get("report") else None
@@ -164,10 +171,9 @@ def synth(
 ) -> None:
     """Synthesize a labelled corpus (speech with transcripts, sound classes, Bach chorales, mixtures with stems)."""
     from audiopipe.flows.synth import synth as run_synth
-    from audiopipe.infra.storage import storage_spec_from_env
 
     try:
-        options = split_secrets(dict(storage_spec_from_env(storage_options, env={}).options))
+        options = cli_storage_options(storage_options)
         result = run_synth(kind, out_url, n, seed, options)
     except AudiopipeError as exc:
         fail(str(exc))
@@ -198,15 +204,15 @@ def train(
     Rerunning the same command resumes from the last epoch checkpoint of a killed run.
     """
     try:
-        from audiopipe.infra.storage import StorageSpec, storage_spec_from_env
+        from audiopipe.infra.storage import merged_storage_spec
 
-        options = split_secrets(dict(storage_spec_from_env(storage_options, env={}).options))
+        options = cli_storage_options(storage_options)
         settings = RunSettings(workers=1, dask_address=dask_address, worker_memory_limit="8GiB")
         apply_prefect_defaults(settings.work_dir)
         from audiopipe.flows.train_model import detect_config_hash, train_model_flow
         from audiopipe.tasks.training import TrainSpec
 
-        storage = StorageSpec({**storage_spec_from_env(None).options, **options})
+        storage = merged_storage_spec(options)
         if family in ("classify", "asr") and not features:
             raise ConfigError(f"`train {family}` needs --features: the featurize output to train on.")
         if features and not config_hash:
@@ -234,12 +240,12 @@ def evaluate(
     storage_options: Annotated[str | None, typer.Option(help="fsspec/s3fs options as JSON.")] = None,
 ) -> None:
     """Recompute a registered model's metrics on any labelled set (classify and asr models)."""
-    from audiopipe.infra.storage import StorageSpec, storage_spec_from_env
+    from audiopipe.infra.storage import merged_storage_spec
     from audiopipe.tasks.training import evaluate_registered
 
     try:
-        options = split_secrets(dict(storage_spec_from_env(storage_options, env={}).options))
-        storage = StorageSpec({**storage_spec_from_env(None).options, **options})
+        options = cli_storage_options(storage_options)
+        storage = merged_storage_spec(options)
         result = evaluate_registered(model_ref, data, labels, storage, split=split)
     except AudiopipeError as exc:
         fail(str(exc))
@@ -268,10 +274,9 @@ def generate_music_cmd(
 ) -> None:
     """Sample a melody from a music model; write MIDI and, when fluidsynth is installed, a WAV rendering."""
     from audiopipe.flows.generate import generate_music
-    from audiopipe.infra.storage import storage_spec_from_env
 
     try:
-        options = split_secrets(dict(storage_spec_from_env(storage_options, env={}).options))
+        options = cli_storage_options(storage_options)
         result = generate_music(model_ref, out_url, length=length, temperature=temperature, seed=seed,
                                 registry_url=registry, storage_options=options)
     except AudiopipeError as exc:

@@ -21,7 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from audiopipe.infra.errors import ConfigError, StorageError
 from audiopipe.infra.runners import dask_client, num_workers
 from audiopipe.infra.settings import RunSettings
-from audiopipe.infra.storage import StorageSpec, open_fs, secret_option_names, storage_spec_from_env
+from audiopipe.infra.storage import StorageSpec, merged_storage_spec, open_fs, secret_option_names
 from audiopipe.tasks.discover import check_output_writable, list_audio_sources
 from audiopipe.tasks.execute import ShardResult, extract_shard
 from audiopipe.tasks.extract import SourceFile, datetime_to_us, source_version, warm_up
@@ -100,7 +100,7 @@ def extract_features(in_url: str, out_url: str, feature_config: FeatureConfig | 
         raise ConfigError(f"storage_options {sorted(secret_option_names(storage_options))} are credentials: flow "
                           "parameters are stored by Prefect, so pass them through the environment "
                           "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) or a Prefect block instead.")
-    storage = StorageSpec({**storage_spec_from_env(None).options, **(storage_options or {})})
+    storage = merged_storage_spec(storage_options)
     logger = get_run_logger()
     plan = plan_featurize(in_url, out_url, cfg, storage, settings, retry_rejected)
     report(ProgressEvent(files_total=sum(len(s.files) for s in plan.shards)))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from audiopipe.infra.errors import ConfigError
-from audiopipe.infra.storage import StorageSpec, storage_spec_from_env
+from audiopipe.infra.storage import merged_storage_spec
 from audiopipe.tasks.train_music import MusicVocab, generate_notes, save_midi_and_wav
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def generate_music(model_ref: str, out_url: str, *, length: int = 128, temperatu
     if seed < 0:
         raise ConfigError(f"--seed must be a non-negative integer, got {seed}")
     started = time.monotonic()
-    storage = StorageSpec({**storage_spec_from_env(None).options, **(storage_options or {})})
+    storage = merged_storage_spec(storage_options)
     registry, ref = open_model_ref(model_ref, storage, default_registry=registry_url)
     card = registry.get_card(ref)
     if card.model_family != "music":

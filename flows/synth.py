@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from audiopipe.infra.errors import ConfigError
-from audiopipe.infra.storage import StorageSpec, storage_spec_from_env
+from audiopipe.infra.storage import merged_storage_spec
 from audiopipe.tasks.corpora import CORPUS_WRITERS, labels_table, save_labels, upload_corpus
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def synth(kind: str, out_url: str, n: int, seed: int, storage_options: dict[str,
         raise ConfigError(f"--n must be between 1 and {MAX_ITEMS:,}, got {n}")
     if seed < 0:
         raise ConfigError(f"--seed must be a non-negative integer, got {seed}")
-    storage = StorageSpec({**storage_spec_from_env(None).options, **(storage_options or {})})
+    storage = merged_storage_spec(storage_options)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"audiopipe-synth-{kind}-") as tmp:
         rows = writer(Path(tmp), n=n, seed=seed)

@@ -15,7 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 from audiopipe.infra.errors import ConfigError
 from audiopipe.infra.runners import dask_client, gpu_workers
 from audiopipe.infra.settings import RunSettings
-from audiopipe.infra.storage import StorageSpec, open_fs, storage_spec_from_env
+from audiopipe.infra.storage import StorageSpec, merged_storage_spec, open_fs
 from audiopipe.tasks.training import TrainSpec, train_model
 
 
@@ -40,7 +40,7 @@ def train_model_flow(spec: TrainSpec, settings: RunSettings | None = None,
     """Train ``spec.family`` on one Dask worker and register the result; returns the ``TrainResult`` dict."""
     logger = get_run_logger()
     settings = settings or RunSettings(workers=1)
-    storage = StorageSpec({**storage_spec_from_env(None).options, **(storage_options or {})})
+    storage = merged_storage_spec(storage_options)
     with dask_client(settings) as client:
         gpus = gpu_workers(client)
         if spec.require_gpu and not gpus:

@@ -86,6 +86,11 @@ def storage_spec_from_env(options_json: str | None = None, env: Mapping[str, str
     return StorageSpec(options)
 
 
+def merged_storage_spec(options: Mapping[str, Any] | None = None) -> StorageSpec:
+    """The environment's options (``AWS_ENDPOINT_URL``, ``AWS_REGION``) with ``options`` laid over them."""
+    return StorageSpec({**storage_spec_from_env(None).options, **(options or {})})
+
+
 def open_fs(url: str, storage: StorageSpec) -> tuple[fsspec.AbstractFileSystem, str]:
     """Resolve ``url`` to ``(filesystem, path)``; plain paths are local.
 
