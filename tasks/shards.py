@@ -106,6 +106,21 @@ def write_config(fs, layout: OutputLayout, cfg: FeatureConfig) -> None:
     write_bytes_atomic(fs, path, body)
 
 
+def read_config(fs, layout: OutputLayout) -> FeatureConfig:
+    """The feature config a partition was written with (its ``_config.json``).
+
+    Raises:
+        ConfigError: the partition has no ``_config.json`` (nothing was featurized with this config).
+    """
+    from audiopipe.infra.errors import ConfigError
+
+    path = join(layout.features_dir, "_config.json")
+    if not fs.exists(path):
+        raise ConfigError(f"no feature partition config={layout.config_hash} under {layout.root} "
+                          "(its _config.json is missing); run `audiopipe featurize` with that config first.")
+    return FeatureConfig.from_dict(json.loads(fs.cat_file(path))["feature_config"])
+
+
 class FeaturePartWriter:
     """Streams FEATURES_V1 batches into a local temporary Parquet file, then publishes it in one piece.
 

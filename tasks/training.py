@@ -225,12 +225,21 @@ def register_model(spec, storage, model, cfg, shards, stats, vocab_or_classes, m
         model.save(path)
         return registry.register(
             spec.model_name or spec.family, str(path), family=spec.family, metrics=metrics,
-            feature_config={"config_hash": spec.config_hash}, config_hash=spec.config_hash,
+            feature_config=_feature_config(spec, storage).to_dict(), config_hash=spec.config_hash,
             training_data=TrainingData.of(snapshot["parts"], snapshot["parts_sha256"]),
             normalization=Normalization.of(np.asarray(stats.mean), np.asarray(stats.std)),
             vocabulary=tuple(vocab_or_classes) if spec.family == "asr" else (),
             classes=tuple(vocab_or_classes) if spec.family == "classify" else (),
             params={"spec": asdict(spec), "model_config": cfg.to_dict()}, history=history)
+
+
+def _feature_config(spec: TrainSpec, storage: StorageSpec):
+    """The full feature config of the training partition: inference featurizes new audio with it."""
+    from audiopipe.infra.storage import open_fs
+    from audiopipe.tasks.shards import OutputLayout, read_config
+
+    fs, root = open_fs(spec.features_url, storage)
+    return read_config(fs, OutputLayout(root, spec.config_hash))
 
 
 def write_training_report(out: Path, spec: TrainSpec, history: dict, metrics: dict, extras: dict,

@@ -20,6 +20,7 @@ from audiopipe.infra.errors import ConfigError
 from audiopipe.infra.settings import RunSettings
 from audiopipe.infra.storage import StorageSpec
 from audiopipe.models.registry import Registry
+from audiopipe.tasks.features import FeatureConfig
 from audiopipe.tasks.training import TrainSpec, evaluate_registered
 
 pytestmark = [pytest.mark.slow]
@@ -45,6 +46,8 @@ def test_classifier_trains_registers_and_resumes(sounds, tmp_path, prefect_api):
     registry = Registry(str(tmp_path / "reg"))
     card = registry.get_card(registry.resolve("classify@1"))
     assert card.classes and len(card.normalization.mean) == 80 and card.training_data.shards
+    # the full feature config travels with the model: inference featurizes new audio with it
+    assert FeatureConfig.from_dict(card.feature_config) == _cfg()
     model, _ = registry.load(registry.resolve("classify@1"), tmp_path / "cache")
     assert model.output_shape[-1] == len(card.classes)
     # evaluate recomputes the card's test metrics from the registry and the shards
