@@ -52,6 +52,51 @@ MANIFEST_V1 = pa.schema(
 MANIFEST_STATUSES = ("ok", "rejected")
 
 
+def _results_schema(name: str, fields: list[pa.Field]) -> pa.Schema:
+    """A bulk-inference result table: its own columns, then the model version that produced the row."""
+    model = [pa.field("model", pa.string(), nullable=False), pa.field("model_version", pa.int32(), nullable=False)]
+    return pa.schema([pa.field("source", pa.string(), nullable=False), *fields, *model],
+                     metadata={"audiopipe.contract": name, "audiopipe.contract_version": str(CONTRACT_VERSION)})
+
+
+_WORD = pa.struct([pa.field("word", pa.string()), pa.field("start_s", pa.float64()),
+                   pa.field("end_s", pa.float64()), pa.field("confidence", pa.float32())])
+_CLASS_PROB = pa.struct([pa.field("label", pa.string()), pa.field("p", pa.float32())])
+
+# `audiopipe transcribe`: one row per speech segment (words between pauses), times in seconds of the recording.
+TRANSCRIPTS_V1 = _results_schema("transcripts", [
+    pa.field("segment", pa.int32(), nullable=False),
+    pa.field("start_s", pa.float64(), nullable=False),
+    pa.field("end_s", pa.float64(), nullable=False),
+    pa.field("text", pa.string(), nullable=False),
+    pa.field("confidence", pa.float32(), nullable=False),
+    pa.field("words", pa.list_(_WORD), nullable=False),
+])
+# `audiopipe classify`: one row per window (the model's feature segment) ...
+CLASS_SEGMENTS_V1 = _results_schema("class_segments", [
+    pa.field("segment", pa.int32(), nullable=False),
+    pa.field("start_s", pa.float64(), nullable=False),
+    pa.field("end_s", pa.float64(), nullable=False),
+    pa.field("top_class", pa.string(), nullable=False),
+    pa.field("top_p", pa.float32(), nullable=False),
+    pa.field("probabilities", pa.list_(_CLASS_PROB), nullable=False),
+])
+# ... and one per recording: the windows' probabilities averaged, weighted by their duration.
+CLASS_RECORDINGS_V1 = _results_schema("class_recordings", [
+    pa.field("duration_s", pa.float64(), nullable=False),
+    pa.field("top_class", pa.string(), nullable=False),
+    pa.field("top_p", pa.float32(), nullable=False),
+    pa.field("probabilities", pa.list_(_CLASS_PROB), nullable=False),
+])
+# `audiopipe separate`: one row per stem written (FLAC under ``audio/``).
+STEMS_V1 = _results_schema("stems", [
+    pa.field("stem", pa.string(), nullable=False),
+    pa.field("url", pa.string(), nullable=False),
+    pa.field("duration_s", pa.float64(), nullable=False),
+    pa.field("sample_rate", pa.int32(), nullable=False),
+])
+
+
 def validate_table(table: pa.Table | pa.RecordBatch, schema: pa.Schema) -> None:
     """Raise ``SchemaError`` unless ``table`` has exactly ``schema``'s fields, types and non-null columns.
 

@@ -41,7 +41,9 @@ class StorageSpec:
     def for_protocol(self, protocol: str) -> dict[str, Any]:
         """Options to pass to ``fsspec.filesystem(protocol, ...)``; only S3 takes connection options."""
         if protocol in ("s3", "s3a"):
-            return dict(self.options)
+            # No listings cache: s3fs instances are shared per process, and a cached listing hides objects
+            # written since (a new model version, tonight's recordings) from every later run in the process.
+            return {"use_listings_cache": False, **self.options}
         return {}
 
 
@@ -137,6 +139,17 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
         os.replace(tmp, path)
     else:
         fs.pipe_file(path, data)
+
+
+def put_file_atomic(fs: fsspec.AbstractFileSystem, local_path: str, dest: str) -> None:
+    """Upload a local file to ``dest`` so that no reader ever sees a partial object (as ``write_bytes_atomic``)."""
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(posixpath.dirname(dest), exist_ok=True)
+        tmp = f"{dest}.tmp-{os.getpid()}"
+        fs.put_file(local_path, tmp)
+        os.replace(tmp, dest)  # atomic on one filesystem: readers see the old file or the new one
+    else:
+        fs.put_file(local_path, dest)  # one PUT / multipart completion: atomic on S3
 
 
 def is_transient(exc: BaseException) -> bool:

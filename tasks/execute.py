@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from distributed import Client, Future, KilledWorker, as_completed, get_client
@@ -109,22 +109,19 @@ def _plan_items(client: Client, files: tuple[SourceFile, ...], cfg: FeatureConfi
     return items
 
 
-def _results(client: Client, items: list[WorkItem], cfg: FeatureConfig, storage: StorageSpec,
-             window: int) -> Iterator[tuple[WorkItem, ItemResult]]:
-    """Keep ``window`` items in flight; yield each result as it completes.
+def in_completion_order(items: list, submit: Callable[[object], Future], window: int) -> Iterator[tuple[object, Future]]:
+    """Keep ``window`` items in flight (``submit(item)`` starts one); yield ``(item, future)`` as each finishes.
 
     Completion order, not submission order: a long item never holds back the short ones behind it.
     """
     todo = iter(items)
-    attempt = uuid.uuid4().hex[:8]
-    submitted: dict[str, WorkItem] = {}
+    submitted: dict[str, object] = {}
     running = as_completed()
 
     def submit_next() -> None:
         item = next(todo, None)
         if item is not None:
-            future = client.submit(featurize_item, item, cfg, storage, key=f"{item_key(item)}-{attempt}",
-                                   retries=0)
+            future = submit(item)
             submitted[future.key] = item
             running.add(future)
 
@@ -133,12 +130,23 @@ def _results(client: Client, items: list[WorkItem], cfg: FeatureConfig, storage:
     try:
         for future in running:
             item = submitted.pop(future.key)
-            result = _resolve(item, future)
             submit_next()
-            yield item, result
+            yield item, future
     finally:
         for future in list(running.futures):
             future.cancel()
+
+
+def _results(client: Client, items: list[WorkItem], cfg: FeatureConfig, storage: StorageSpec,
+             window: int) -> Iterator[tuple[WorkItem, ItemResult]]:
+    """Featurize ``items`` on Dask, ``window`` at a time; yield each result as it completes."""
+    attempt = uuid.uuid4().hex[:8]
+
+    def submit(item: WorkItem) -> Future:
+        return client.submit(featurize_item, item, cfg, storage, key=f"{item_key(item)}-{attempt}", retries=0)
+
+    for item, future in in_completion_order(items, submit, window):
+        yield item, _resolve(item, future)
 
 
 def _resolve(item: WorkItem, future: Future) -> ItemResult:

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from audiopipe.infra.schemas import CONTRACT_VERSION, FEATURES_V1, MANIFEST_V1, validate_table
-from audiopipe.infra.storage import join, write_bytes_atomic
+from audiopipe.infra.storage import join, put_file_atomic, write_bytes_atomic
 from audiopipe.tasks.extract import SourceFile
 from audiopipe.tasks.features import FeatureConfig
 
@@ -70,6 +70,11 @@ class OutputLayout:
     @property
     def manifest_dir(self) -> str:
         return join(self.root, "manifest", f"config={self.config_hash}")
+
+    @property
+    def data_dirs(self) -> tuple[str, ...]:
+        """Folders whose parts a manifest part commits (``reconcile`` keeps them consistent)."""
+        return (self.features_dir,)
 
     def features_part(self, shard_id: str) -> str:
         return join(self.features_dir, f"part-{shard_id}.parquet")
@@ -167,7 +172,7 @@ class FeaturePartWriter:
                 pq.write_table(table, self.local_path, compression=FEATURE_COMPRESSION,
                                use_dictionary=["source", "config_hash"], write_statistics=_META_COLUMNS)
                 self.num_rows = table.num_rows
-            _publish_file(fs, self.local_path, dest)
+            put_file_atomic(fs, self.local_path, dest)
         finally:
             if os.path.exists(self.local_path):
                 os.unlink(self.local_path)
@@ -177,18 +182,6 @@ class FeaturePartWriter:
         self._writer.close()
         if os.path.exists(self.local_path):
             os.unlink(self.local_path)
-
-
-def _publish_file(fs, local_path: str, dest: str) -> None:
-    from fsspec.implementations.local import LocalFileSystem
-
-    if isinstance(fs, LocalFileSystem):
-        fs.makedirs(os.path.dirname(dest), exist_ok=True)
-        tmp = f"{dest}.tmp-{os.getpid()}"
-        fs.put_file(local_path, tmp)
-        os.replace(tmp, dest)  # atomic on one filesystem: readers see the old part or the new one
-    else:
-        fs.put_file(local_path, dest)  # one PUT / multipart completion: atomic on S3
 
 
 def manifest_table(rows: list[dict]) -> pa.Table:
@@ -234,9 +227,10 @@ def reconcile(fs, layout: OutputLayout) -> dict[str, int]:
     Returns counts: ``orphans_deleted``, ``rows_superseded``.
     """
     manifest_ids = _part_ids(fs, layout.manifest_dir)
-    orphans = [p for sid, p in _part_ids(fs, layout.features_dir).items() if sid not in manifest_ids]
+    orphans = [p for folder in layout.data_dirs for sid, p in _part_ids(fs, folder).items()
+               if sid not in manifest_ids]
     for path in orphans:
-        log.warning("deleting orphan features part %s (no manifest part: a run was killed)", path)
+        log.warning("deleting orphan part %s (no manifest part: a run was killed)", path)
         fs.rm_file(path)
     manifest = read_manifest(fs, layout, ["source", "shard", "processed_at"])
     superseded = _superseded(manifest)
@@ -247,9 +241,9 @@ def reconcile(fs, layout: OutputLayout) -> dict[str, int]:
 
 
 def _drop_superseded(fs, layout: OutputLayout, shard_id: str, path: str, superseded: set[str]) -> None:
-    """Rewrite one shard without its superseded rows: features first, then the manifest (the commit).
+    """Rewrite one shard without its superseded rows: data parts first, then the manifest (the commit).
 
-    A shard left with no rows is deleted whole, features part first.
+    A shard left with no rows is deleted whole, data parts first.
     """
     table = pq.read_table(io.BytesIO(fs.cat_file(path)))
     keys = pc.binary_join_element_wise(table["source"], pc.cast(table["processed_at"], pa.string()), "\t")
@@ -257,13 +251,15 @@ def _drop_superseded(fs, layout: OutputLayout, shard_id: str, path: str, superse
     if not pc.any(stale).as_py():
         return
     kept = table.filter(pc.invert(stale))
-    features = layout.features_part(shard_id)
+    data_parts = [join(folder, f"part-{shard_id}.parquet") for folder in layout.data_dirs]
     if kept.num_rows == 0:
-        if fs.exists(features):
-            fs.rm_file(features)
+        for part in data_parts:
+            if fs.exists(part):
+                fs.rm_file(part)
         fs.rm_file(path)
         return
-    _rewrite_features_without(fs, features, set(table.filter(stale)["source"].to_pylist()))
+    for part in data_parts:
+        _rewrite_features_without(fs, part, set(table.filter(stale)["source"].to_pylist()))
     write_table_atomic(fs, path, kept)
 
 

@@ -1,0 +1,282 @@
+"""Bulk inference, one shard: run its recordings on Dask, stitch long ones, write results, commit.
+
+In: a ``ShardPlan`` (recordings), an ``InferSpec``. Out: an ``InferShardResult`` (counts and timings). Small
+recordings travel to Dask in groups (their windows are batched together on the worker); recordings above
+``PROBE_MIN_BYTES`` are probed and cut into chunks of ``CHUNK_WINDOWS`` windows, stitched back here by their
+global frame index. A worker death follows featurize's rule: the item's recordings are retried one at a
+time, and only a recording that kills a worker every time is rejected ("worker crash").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+from distributed import Client, Future, KilledWorker, get_client
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from audiopipe.infra.errors import TransientStorageError
+from audiopipe.infra.settings import RunSettings
+from audiopipe.infra.storage import StorageSpec, is_transient, open_fs, write_bytes_atomic
+from audiopipe.tasks.audio_io import AudioInfo, num_segments
+from audiopipe.tasks.execute import (_SUSPECT_LOCK, CRASH_CATEGORY, PROBE_MIN_BYTES, in_completion_order,
+                                     reject_category, retry_if_transient)
+from audiopipe.tasks.extract import SourceFile, probe_item, us_to_datetime
+from audiopipe.tasks.infer import InferItem, InferOutput, InferSpec, infer_item
+from audiopipe.tasks.infer_layout import (ResultLayout, class_rows, relative_source, stem_rows, table_of,
+                                          transcript_rows)
+from audiopipe.tasks.progress import ProgressEvent, report
+from audiopipe.tasks.shards import ShardPlan, manifest_table, now_utc, write_table_atomic
+
+log = logging.getLogger(__name__)
+
+CHUNK_WINDOWS = 12  # windows per Dask item of a long recording (~2 min at 10 s windows)
+GROUP_BYTES = 4 * 1024 * 1024  # small recordings per item, up to about this many bytes ...
+GROUP_FILES = 32  # ... or this many recordings
+WINDOW_PER_SHARD = 3  # items in flight per shard
+
+
+@dataclass
+class InferShardResult:
+    shard_id: str
+    num_files: int = 0
+    num_ok: int = 0
+    num_rows: int = 0
+    audio_s: float = 0.0
+    wall_s: float = 0.0
+    timings: Counter = field(default_factory=Counter)  # decode_s, features_s, model_s, write_s
+    rejected: Counter = field(default_factory=Counter)
+
+    @property
+    def num_rejected(self) -> int:
+        return sum(self.rejected.values())
+
+
+@dataclass
+class _State:
+    source: SourceFile
+    pending: int = 0
+    reason: str | None = None
+    info: AudioInfo | None = None
+    audio_s: float = 0.0
+    outputs: list[InferOutput] = field(default_factory=list)
+
+
+def item_key(item: InferItem, spec: InferSpec) -> str:
+    blob = "\n".join(f"{s.url}\t{s.version}" for s in item.sources) + f"\t{item.first}\t{spec.model_tag}"
+    return f"{spec.task}-" + hashlib.sha1(blob.encode()).hexdigest()[:24]
+
+
+def plan_items(client: Client, files: tuple[SourceFile, ...], spec: InferSpec, storage: StorageSpec,
+               states: dict[str, _State]) -> list[InferItem]:
+    """Groups of small recordings; chunks of windows of large ones (probed on a worker first)."""
+    chunked = spec.task != "separate"  # separation streams one recording per item, start to end
+    large = [f for f in files if f.size > PROBE_MIN_BYTES] if chunked else []
+    attempt = uuid.uuid4().hex[:8]
+    futures = [client.submit(probe_item, f, storage, key=f"probe-{item_key(InferItem((f,)), spec)}-{attempt}")
+               for f in large]
+    probes = dict(zip((f.url for f in large), client.gather(futures)))
+    core_s = spec.window_s  # transcribe: the window core; classify: the model's feature segment
+    items, group, group_bytes = [], [], 0
+    for f in sorted(files, key=lambda f: f.size):
+        probed = probes.get(f.url)
+        if isinstance(probed, str):
+            states[f.url].reason = probed
+            continue
+        if probed is not None:
+            total = num_segments(probed, core_s)
+            items += [InferItem((f,), first, min(first + CHUNK_WINDOWS, total))
+                      for first in range(0, total, CHUNK_WINDOWS)]
+            continue
+        if not chunked:
+            items.append(InferItem((f,)))
+            continue
+        group.append(f)
+        group_bytes += f.size
+        if group_bytes >= GROUP_BYTES or len(group) >= GROUP_FILES:
+            items.append(InferItem(tuple(group)))
+            group, group_bytes = [], 0
+    if group:
+        items.append(InferItem(tuple(group)))
+    return items
+
+
+def _resolve(item: InferItem, future: Future) -> list[InferOutput] | None:
+    """The item's outputs; None when its worker died (the caller retries its recordings alone)."""
+    try:
+        return future.result()
+    except KilledWorker:
+        future.release()
+        return None
+    except Exception as exc:
+        future.release()
+        if is_transient(exc):
+            raise TransientStorageError(f"storage failed while reading {item.sources[0].url}: {exc}") from exc
+        from audiopipe.infra.errors import AudiopipeError
+
+        if isinstance(exc, AudiopipeError):  # the model cannot be used (checksum, registry): stop the run
+            raise
+        log.exception("unexpected error processing %s", item.sources[0].url)
+        return [InferOutput(s.url, reason=f"processing failed: {type(exc).__name__}: {exc}") for s in item.sources]
+
+
+def _run(client: Client, items: list[InferItem], spec: InferSpec, storage: StorageSpec, window: int,
+         resources: dict | None):
+    attempt = uuid.uuid4().hex[:8]
+
+    def submit(item: InferItem) -> Future:
+        return client.submit(infer_item, item, spec, storage, key=f"{item_key(item, spec)}-{attempt}", retries=0,
+                             resources=resources)
+
+    for item, future in in_completion_order(items, submit, window):
+        yield item, _resolve(item, future)
+
+
+def run_infer_shard(client: Client, plan: ShardPlan, spec: InferSpec, storage: StorageSpec, out_url: str,
+                    layout: ResultLayout, resources: dict | None = None) -> InferShardResult:
+    """Infer every recording of ``plan``, write its results and side files, then commit its manifest part.
+
+    Raises:
+        TransientStorageError: the store failed; nothing of this shard is committed, so a retry redoes it.
+    """
+    started = time.perf_counter()
+    states = {f.url: _State(f) for f in plan.files}
+    items = plan_items(client, plan.files, spec, storage, states)
+    for item in items:
+        for s in item.sources:
+            states[s.url].pending += 1
+    for state in states.values():
+        if state.reason is not None:
+            report(ProgressEvent(files=1, rejected=1))
+    suspects: list[InferItem] = []
+    for item, outputs in _run(client, items, spec, storage, WINDOW_PER_SHARD, resources):
+        if outputs is None:
+            suspects += [InferItem((s,), item.first, item.stop) for s in item.sources]
+            continue
+        _absorb(states, outputs)
+    for suspect in suspects:  # alone, one at a time in the whole process: bystanders succeed
+        with _SUSPECT_LOCK:
+            for item, outputs in _run(client, [suspect], spec, storage, 1, resources):
+                _absorb(states, outputs or [InferOutput(
+                    s.url, reason=f"{CRASH_CATEGORY}: the worker process died every time it processed this "
+                                  "recording (crash or out of memory); quarantined") for s in item.sources])
+    return _commit(plan, states, spec, storage, out_url, layout, started)
+
+
+def _absorb(states: dict[str, _State], outputs: list[InferOutput]) -> None:
+    for out in outputs:
+        state = states[out.source]
+        state.pending -= 1
+        state.info = state.info or out.info
+        if out.reason is not None:
+            state.reason = state.reason or out.reason
+        else:
+            state.outputs.append(out)
+            state.audio_s += out.audio_s
+        if state.pending == 0:
+            if state.reason is None and not any(o.windows for o in state.outputs):
+                state.reason = "empty: no audio samples"
+            report(ProgressEvent(files=1, audio_s=state.audio_s if state.reason is None else 0.0,
+                                 rejected=int(state.reason is not None)))
+
+
+def _commit(plan: ShardPlan, states: dict[str, _State], spec: InferSpec, storage: StorageSpec, out_url: str,
+            layout: ResultLayout, started: float) -> InferShardResult:
+    fs, _ = open_fs(out_url, storage)
+    result = InferShardResult(plan.shard_id, num_files=len(states))
+    t0 = time.perf_counter()
+    rows: dict[str, list[dict]] = {}
+    counts: dict[str, int] = {}
+    for url, state in states.items():
+        for out in state.outputs:
+            result.timings.update(out.timings)
+        if state.reason is not None:
+            continue
+        try:
+            counts[url] = _results_of(state, spec, fs, layout, rows)
+        except ValueError as exc:  # e.g. a recording whose windows produced nothing usable
+            state.reason = f"processing failed: {exc}"
+    shard_rel = None
+    for table, table_rows in rows.items():
+        write_table_atomic(fs, layout.part(table, plan.shard_id), table_of(spec.task, table, table_rows))
+        shard_rel = shard_rel or layout.relative(layout.part(table, plan.shard_id))
+        result.num_rows += len(table_rows) if table != "recordings" else 0
+    manifest = [_manifest_row(s, spec, counts.get(url, 0), shard_rel) for url, s in states.items()]
+    write_table_atomic(fs, layout.manifest_part(plan.shard_id), manifest_table(manifest))
+    result.timings["write_s"] += time.perf_counter() - t0
+    for state in states.values():
+        if state.reason is None:
+            result.num_ok += 1
+            result.audio_s += state.audio_s
+        else:
+            result.rejected[reject_category(state.reason)] += 1
+    result.wall_s = time.perf_counter() - started
+    return result
+
+
+def _results_of(state: _State, spec: InferSpec, fs, layout: ResultLayout, rows: dict[str, list[dict]]) -> int:
+    """Add the recording's result rows to ``rows`` (and write its side files); returns its segment count."""
+    url, tag, version = state.source.url, spec.model_tag, spec.model_version
+    if spec.task == "transcribe":
+        from audiopipe.models.ctc_align import segments_from_words, to_jsonl, to_srt, words_from_frames
+
+        pieces = sorted((p for o in state.outputs for p in o.frames), key=lambda p: p[0])
+        ids = np.concatenate([p[1] for p in pieces]) if pieces else np.zeros(0, np.uint8)
+        probs = np.concatenate([p[2] for p in pieces]) if pieces else np.zeros(0, np.float16)
+        first = pieces[0][0] if pieces else 0
+        words = words_from_frames(ids, probs, frame_s=spec.frame_s, vocab=spec.labels,
+                                  offset_s=first * spec.frame_s)
+        segments = segments_from_words(words)
+        rel = relative_source(spec.in_url, url)
+        write_bytes_atomic(fs, layout.side_file("files", rel, ".jsonl"),
+                           to_jsonl(segments, source=url, model=tag).encode())
+        write_bytes_atomic(fs, layout.side_file("files", rel, ".srt"), to_srt(segments).encode())
+        rows.setdefault("transcripts", []).extend(transcript_rows(url, segments, tag, version))
+        return len(segments)
+    if spec.task == "classify":
+        windows = sorted((w for o in state.outputs for w in o.classes), key=lambda w: w[0])
+        segments, recording = class_rows(url, windows, spec.labels, tag, version)
+        rows.setdefault("segments", []).extend(segments)
+        rows.setdefault("recordings", []).append(recording)
+        return len(segments)
+    stems = {k: v for o in state.outputs for k, v in o.stems.items()}
+    rate = int(spec.feature_config["sampling_rate"])
+    rows.setdefault("stems", []).extend(stem_rows(url, stems, state.audio_s, rate, tag, version))
+    return len(stems)
+
+
+def _manifest_row(state: _State, spec: InferSpec, n_segments: int, shard: str | None) -> dict:
+    from audiopipe.infra.version import audiopipe_version
+
+    f, info, ok = state.source, state.info, state.reason is None
+    return {
+        "source": f.url, "size": f.size, "etag": f.etag,
+        "mtime": None if f.mtime_us is None else us_to_datetime(f.mtime_us),
+        "status": "ok" if ok else "rejected", "reason": state.reason,
+        "sample_rate": info.sample_rate if info else None, "channels": info.channels if info else None,
+        "duration_s": (state.audio_s if ok else info.duration_s) if info else None,
+        "n_segments": n_segments if ok else 0, "shard": shard if ok else None,
+        "config_hash": spec.model_tag, "audiopipe_version": audiopipe_version(), "processed_at": now_utc(),
+    }
+
+
+# ---- Prefect wrapper ------------------------------------------------------------------------------------
+
+@task(name="infer-shard", retries=4, retry_delay_seconds=exponential_backoff(2), retry_jitter_factor=0.5,
+      retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
+def infer_shard(plan: ShardPlan, spec: InferSpec, storage: StorageSpec, out_url: str, layout: ResultLayout,
+                settings: RunSettings, resources: dict | None = None) -> InferShardResult:
+    """Prefect task: one shard of recordings, executed on the Dask client of the calling flow."""
+    logger = get_run_logger()
+    result = run_infer_shard(get_client(), plan, spec, storage, out_url, layout, resources)
+    logger.info("shard %s: %d recordings (%d ok, %d rejected), %.1f min of audio, %d rows in %.1f s",
+                plan.shard_id, result.num_files, result.num_ok, result.num_rejected, result.audio_s / 60,
+                result.num_rows, result.wall_s)
+    return result
