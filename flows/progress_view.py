@@ -13,11 +13,11 @@ from audiopipe.tasks.progress import ProgressEvent, watching
 
 
 @contextmanager
-def progress_bar(console: Console) -> Iterator[None]:
+def progress_bar(console: Console, label: str = "featurize") -> Iterator[None]:
     """Show a bar for the block; the flow's planning event sets the total."""
     started = time.perf_counter()
     totals = {"audio_s": 0.0, "rejected": 0}
-    with Progress(TextColumn("featurize"), BarColumn(), MofNCompleteColumn(), TextColumn("files"),
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("files"),
                   TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
                   transient=False) as bar:
         task_id = bar.add_task("files", total=None, detail="planning…")
