@@ -15,7 +15,7 @@ PIP    := $(PYTHON) -m pip
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: help venv demo test test-e2e bench store-up store-down lock clean
+.PHONY: help venv demo test test-e2e bench store-up store-down serve lock clean
 
 help:
 	@echo "make demo        set up .venv and run scripts/demo.py"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench       run benchmarks/featurize.py"
 	@echo "make store-up    start the local SeaweedFS S3 store"
 	@echo "make store-down  stop it"
+	@echo "make serve       run store, Prefect server + UI, deployments and a worker (Ctrl-C stops)"
 	@echo "make lock        regenerate constraints.txt from .venv"
 	@echo "make clean       remove scratch folders (keeps .venv)"
 
@@ -47,6 +48,9 @@ store-up: venv
 
 store-down: venv
 	$(VENV)/bin/audiopipe store down
+
+serve: venv
+	$(VENV)/bin/audiopipe serve
 
 # Re-resolve against pyproject.toml (without the old pins), then freeze what is installed.
 # Review the diff of constraints.txt before committing it.

@@ -76,16 +76,18 @@ def plan_featurize(in_url: str, out_url: str, cfg: FeatureConfig, storage: Stora
 
 
 @flow(name="extract-features", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=False)
-def extract_features(in_url: str, out_url: str, feature_config: FeatureConfig | None = None,
-                     settings: RunSettings | None = None, storage_options: dict | None = None,
+def extract_features(in_url: str, out_url: str, feature_config: FeatureConfig | dict | None = None,
+                     settings: RunSettings | dict | None = None, storage_options: dict | None = None,
                      report_dir: str | None = None, retry_rejected: bool = False) -> dict:
     """Featurize every audio file under ``in_url`` into Parquet shards under ``out_url``.
 
     Args:
         in_url: Input archive (``s3://bucket/prefix``, ``file:///path``, a path, ``memory://...``).
         out_url: Output root; features and manifest go to ``features/`` and ``manifest/`` under it.
-        feature_config: What to compute (default: 16 kHz log-mel, 80 bands, 30 s segments).
-        settings: How to execute (workers, Dask address, shard size).
+        feature_config: What to compute (default: 16 kHz log-mel, 80 bands, 30 s segments); a plain dict
+            of ``FeatureConfig`` fields too, as deployment parameters arrive as JSON.
+        settings: How to execute (workers, Dask address, shard size); a plain dict of ``RunSettings``
+            fields too (unset fields come from the worker's ``AUDIOPIPE_*`` environment).
         storage_options: Non-secret fsspec options (``endpoint_url``...); keys come from the environment.
         report_dir: Local folder for an HTML report with example spectrograms.
         retry_rejected: Process rejected files again even if unchanged.
@@ -94,8 +96,8 @@ def extract_features(in_url: str, out_url: str, feature_config: FeatureConfig | 
         The run summary as a dict (see ``RunSummary``).
     """
     started = time.perf_counter()
-    cfg = feature_config or FeatureConfig()
-    settings = settings or RunSettings()
+    cfg = _feature_config(feature_config)
+    settings = _run_settings(settings)
     if secret_option_names(storage_options or {}):
         raise ConfigError(f"storage_options {sorted(secret_option_names(storage_options))} are credentials: flow "
                           "parameters are stored by Prefect, so pass them through the environment "
@@ -137,6 +139,23 @@ def extract_features(in_url: str, out_url: str, feature_config: FeatureConfig | 
                            f"(first: {failures[0]}). Committed shards are kept: run the same command again "
                            "to finish the rest.")
     return summary.to_dict()
+
+
+def _feature_config(given: FeatureConfig | dict | None) -> FeatureConfig:
+    """The flow's ``feature_config`` parameter as a ``FeatureConfig`` (deployments pass JSON dicts)."""
+    if isinstance(given, dict):
+        return FeatureConfig.from_dict(given)
+    return given or FeatureConfig()
+
+
+def _run_settings(given: RunSettings | dict | None) -> RunSettings:
+    """The flow's ``settings`` parameter as ``RunSettings`` (deployments pass JSON dicts)."""
+    if not isinstance(given, dict):
+        return given or RunSettings()
+    try:
+        return RunSettings(**given)
+    except ValueError as exc:  # pydantic's ValidationError: name the bad fields, not a traceback
+        raise ConfigError(f"invalid run settings {sorted(given)}: {exc}") from None
 
 
 def _add_shard(summary: RunSummary, result: ShardResult) -> None:
