@@ -207,7 +207,8 @@ def train(
         from audiopipe.infra.storage import merged_storage_spec
 
         options = cli_storage_options(storage_options)
-        settings = RunSettings(workers=1, dask_address=dask_address, worker_memory_limit="8GiB")
+        address = {"dask_address": dask_address} if dask_address else {}  # else AUDIOPIPE_DASK_ADDRESS applies
+        settings = RunSettings(workers=1, worker_memory_limit="8GiB", **address)
         apply_prefect_defaults(settings.work_dir)
         from audiopipe.flows.train_model import detect_config_hash, train_model_flow
         from audiopipe.tasks.training import TrainSpec
@@ -233,13 +234,18 @@ def train(
 @app.command()
 def evaluate(
     model_ref: Annotated[str, typer.Argument(help="REGISTRY_URL:NAME@ALIAS|VERSION, e.g. s3://reg:classify@champion.")],
-    data: Annotated[str, typer.Option(help="Featurize output root of the labelled set (same feature config).")],
-    labels: Annotated[str, typer.Option(help="LABELS_V1 table of that set.")],
+    labels: Annotated[str, typer.Option(help="LABELS_V1 table of the labelled set.")],
+    data: Annotated[str | None, typer.Option(help="classify/asr (required): featurize output root of the labelled "
+                                                  "set (same feature config). Not used by music and separate.")] = None,
     split: Annotated[str, typer.Option(help="Which split of the labels to score.")] = "test",
     show: Annotated[int, typer.Option(help="ASR: print this many reference/hypothesis transcripts.")] = 0,
     storage_options: Annotated[str | None, typer.Option(help="fsspec/s3fs options as JSON.")] = None,
 ) -> None:
-    """Recompute a registered model's metrics on any labelled set (classify and asr models)."""
+    """Recompute a registered model's metrics on any labelled set.
+
+    classify and asr models read the featurized set (--data) with its --labels; music and separate models
+    evaluate from --labels alone (the scores, or the mixtures and their stems that the table names).
+    """
     from audiopipe.infra.storage import merged_storage_spec
     from audiopipe.tasks.training import evaluate_registered
 
@@ -314,6 +320,15 @@ def store_down(root: Annotated[Path, typer.Option(help="Folder given to `store u
 
     stopped = SeaweedStore(root).down()
     console.print("SeaweedFS stopped." if stopped else "No SeaweedFS server was running from that folder.")
+
+
+# Commands that live beside their flows: each module's ``register(app)`` adds its commands.
+from audiopipe.flows.serve_cli import register as _register_serve  # noqa: E402
+_register_serve(app)
+from audiopipe.flows.retrain_cli import register as _register_retrain  # noqa: E402
+_register_retrain(app)
+from audiopipe.flows.infer_cli import register as _register_infer  # noqa: E402
+_register_infer(app)
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m audiopipe.flows.cli`

@@ -7,6 +7,7 @@ that holds ``labels/labels.parquet``). Only ``kind="music"``, ``media="midi"`` r
 ``spec.config_hash`` are not used: this model reads symbolic notes, not audio features.
 Out: a ``TrainResult``; the model is registered with its note vocabulary (``MusicVocab.to_strings``), the
 held-out NLL per note next to an add-k bigram's (k tuned on the val split) and a report with a piano roll.
+``evaluate_music`` recomputes those metrics for a registered model on any labels table's split.
 
 Tokens: a ``MusicVocab`` built from the train split. Pitch token ``i + 1`` is ``pitches_midi[i]`` (every
 MIDI number from the lowest to the highest training pitch), duration token ``i + 1`` is
@@ -216,6 +217,51 @@ def music_metrics(model, bigram, test: list[np.ndarray], *, cfg) -> dict[str, fl
     bigram_nll = bigram.nll_per_token([joint_note_ids(p, cfg) for p in test])
     return {"nll_per_note": nll, "bigram_nll_per_note": bigram_nll, "nll_vs_bigram": nll / bigram_nll,
             "num_test_notes": float(sum(len(p) for p in test))}
+
+
+def evaluate_music(model, card, labels_url: str, storage: StorageSpec, split: str = "test") -> dict[str, float]:
+    """``music_metrics`` of a registered music model on ``split`` of any labels table's scores.
+
+    The notes are encoded with the model's own vocabulary (``card.vocabulary``; notes outside it go to the
+    nearest token, as in training). The bigram baseline is refitted on the train split of the model's
+    training labels (``card.extra["labels_url"]``) with the card's ``bigram_k``, not re-tuned: it is the
+    baseline the card's metrics were measured against, so the model's own test split reproduces them.
+
+    Args:
+        model: The loaded next-note model. card: Its ``ModelCard`` (family ``music``).
+        labels_url: A LABELS_V1 table, or a corpus folder holding ``labels/labels.parquet``.
+        split: Which split of ``labels_url`` to score.
+
+    Returns:
+        ``nll_per_note``, ``bigram_nll_per_note``, ``nll_vs_bigram`` (nats per note, ratio), ``num_test_notes``.
+
+    Raises:
+        ConfigError: no scores in ``split`` (naming the count per split), or training labels that are gone
+            or changed since the model was registered (the baseline could not be rebuilt).
+    """
+    from audiopipe.models.music_gen import BigramModel, MusicGenConfig, joint_note_ids
+
+    cfg = MusicGenConfig.from_dict(dict(card.params["model_config"]))
+    vocab = MusicVocab.from_strings(card.vocabulary)
+    scores, _, _ = load_music_scores(labels_url, storage)
+    test = [vocab.encode(s.pitches, s.durations_ql)[0] for s in scores if s.split == split]
+    if not test:
+        counts = {s: sum(x.split == s for x in scores) for s in sorted({x.split for x in scores})}
+        raise ConfigError(f"{labels_url} has no music scores in split {split!r} (scores per split: {counts}); "
+                          "pass --split with one of those.")
+    train_url = card.extra["labels_url"]
+    try:
+        train_scores, _, sha256 = load_music_scores(train_url, storage)
+    except ConfigError as exc:
+        raise ConfigError(f"the bigram baseline is fitted on the model's training labels, which cannot be read: "
+                          f"{exc}") from exc
+    if sha256 != card.extra["labels_sha256"]:
+        raise ConfigError(f"the training labels {train_url} changed since {card.name}@{card.version} was "
+                          "trained (sha256 differs), so its bigram baseline cannot be rebuilt; restore them.")
+    train = [joint_note_ids(vocab.encode(s.pitches, s.durations_ql)[0], cfg) for s in train_scores
+             if s.split == "train"]
+    bigram = BigramModel.fit(train, vocab_size=cfg.n_pitches * cfg.n_durations, k=float(card.extra["bigram_k"]))
+    return music_metrics(model, bigram, test, cfg=cfg)
 
 
 def generate_notes(model, vocab: MusicVocab, *, length: int, temperature: float, seed: int,

@@ -18,6 +18,8 @@ inference uses; ``spec.features_url`` and ``spec.config_hash`` are not used. No 
 ``crop_frames`` (random windows of that many STFT frames per training example; 0 = whole clips),
 ``remix_fraction`` (share of training examples remixed from a random speech/background stem pair) and
 ``cache_examples`` (keep the decoded training audio in memory after the first epoch).
+
+``evaluate_separated`` recomputes the test metrics of a registered model on any mixtures table's split.
 """
 
 from __future__ import annotations
@@ -300,6 +302,40 @@ def evaluate_separation(model, items: list[MixtureItem], load: AudioLoader, *, c
     return metrics, example
 
 
+def evaluate_separated(model, card, labels_url: str, storage: StorageSpec, split: str = "test") -> dict:
+    """``evaluate_separation`` metrics of a registered separation model on ``split`` of any mixtures table.
+
+    The STFT and model settings come from ``card.params["model_config"]``; the model carries its own
+    normalisation. On the model's own labels and test split this reproduces the card's metrics.
+
+    Returns:
+        ``si_sdri_db``, ``oracle_irm_si_sdri_db``, ``fraction_of_oracle`` (when the oracle improves),
+        ``mixture_si_sdr_db``, ``estimate_si_sdr_db`` (dB) and ``num_test`` (mixtures scored).
+
+    Raises:
+        ConfigError: no mixtures in ``split`` (naming the count per split), rows without their stems, or
+            mixtures/stems missing from the store. BadAudioError: an unusable file (naming its URL).
+    """
+    items, _ = load_mixture_items(labels_url, storage)
+    chosen = [i for i in items if i.split == split]
+    if not chosen:
+        counts = {s: sum(i.split == s for i in items) for s in SPLITS}
+        raise ConfigError(f"{labels_url} has no mixtures in split {split!r} (mixtures per split: {counts}); "
+                          "pass --split with one of those.")
+    _require_audio(chosen, labels_url, storage)
+    cfg = SeparationConfig.from_dict(dict(card.params["model_config"]))
+    load = audio_loader(storage, sampling_rate=cfg.sampling_rate)
+    return evaluate_separation(model, chosen, load, cfg=cfg)[0]
+
+
+def _require_audio(items: list[MixtureItem], labels_url: str, storage: StorageSpec) -> None:
+    """Raise ConfigError, naming one URL, when mixtures or stems of ``items`` are not in the store."""
+    missing = missing_files(items, storage)
+    if missing:
+        raise ConfigError(f"{labels_url} names {len(missing)} audio files that are not in the store, "
+                          f"e.g. {missing[0]}; fix the labels' source/stems URLs or upload the audio.")
+
+
 def save_mask_figure(out: Path, example: dict, *, cfg: SeparationConfig) -> Path:
     """PNG of one test mixture: its spectrogram (dB), the ideal ratio mask, the estimated mask and their
     difference, on shared time (s) and frequency (kHz) axes. Returns the file's path."""
@@ -353,10 +389,7 @@ def train_separation(spec: TrainSpec, storage: StorageSpec) -> TrainResult:
     empty = [s for s in SPLITS if not by_split[s]]
     if empty:
         raise ConfigError(f"{spec.labels_url} has no mixtures in split(s) {empty}; make more with synth --n.")
-    missing = missing_files(items, storage)
-    if missing:
-        raise ConfigError(f"{spec.labels_url} names {len(missing)} audio files that are not in the store, "
-                          f"e.g. {missing[0]}; fix the labels' source/stems URLs or upload the audio.")
+    _require_audio(items, spec.labels_url, storage)
     device = select_device(spec.require_gpu)
     keras.utils.set_random_seed(spec.seed)
     load = audio_loader(storage, sampling_rate=cfg.sampling_rate, cache=bool(options["cache_examples"]))

@@ -284,23 +284,39 @@ def write_training_report(out: Path, spec: TrainSpec, history: dict, metrics: di
     return out / "index.html"
 
 
-def evaluate_registered(model_ref: str, features_url: str, labels_url: str, storage: StorageSpec, *,
+def evaluate_registered(model_ref: str, features_url: str | None, labels_url: str, storage: StorageSpec, *,
                         split: str = "test", cache_dir: str = ".audiopipe/models", batch_size: int = 16) -> dict:
-    """Recompute a registered classify/asr model's metrics on any labelled, featurized set.
+    """Recompute a registered model's metrics on any labelled set -> ``{model, split, metrics, transcripts}``.
 
-    The card's classes (or vocabulary) and feature config hash decide how labels and shards are read;
-    the model carries its own normalisation statistics.
+    classify/asr read the featurized set at ``features_url``: the card's classes (or vocabulary) and feature
+    config hash decide how labels and shards are read; the model carries its own normalisation statistics.
+    music and separate read only ``labels_url`` (scores, or mixtures and their stems; ``features_url`` is
+    ignored) through ``evaluate_music`` and ``evaluate_separated``; their ``transcripts`` are empty.
 
     Raises:
-        ConfigError: for a family this does not evaluate yet, or labels with classes the model lacks.
+        ConfigError: an unknown family, classify/asr without ``features_url``, labels with classes the model
+            lacks, or a split the labels do not have (music, separate).
     """
     from audiopipe.models.data import open_shard_set
     from audiopipe.models.registry import open_model_ref
 
     registry, ref = open_model_ref(model_ref, storage)
+    family = registry.get_card(ref).model_family  # fail on a missing --data before fetching the model
+    if family in ("classify", "asr") and not features_url:
+        raise ConfigError(f"{ref} is a {family} model: evaluating it needs the featurized labelled set "
+                          "(--data, the featurize output root with the model's feature config) as well as its "
+                          "labels. Only music and separate models evaluate from the labels alone.")
     model, card = registry.load(ref, Path(cache_dir))
+    if card.model_family in ("music", "separate"):  # they read scores or audio named by the labels, no shards
+        from audiopipe.tasks.train_music import evaluate_music
+        from audiopipe.tasks.train_separation import evaluate_separated
+
+        evaluate = evaluate_music if card.model_family == "music" else evaluate_separated
+        metrics = evaluate(model, card, labels_url, storage, split)
+        return {"model": str(ref), "split": split, "metrics": metrics, "transcripts": []}
     if card.model_family not in ("classify", "asr"):
-        raise ConfigError(f"evaluate supports classify and asr models so far, not {card.model_family!r}.")
+        raise ConfigError(f"evaluate supports classify, asr, music and separate models, "
+                          f"not {card.model_family!r}.")
     shards = open_shard_set(features_url, card.feature_config_hash, labels_url, storage)
     spec = TrainSpec(card.model_family, features_url, labels_url, registry.url, card.feature_config_hash,
                      batch_size=batch_size)

@@ -21,7 +21,7 @@ from audiopipe.infra.storage import StorageSpec
 from audiopipe.models.registry import Registry
 from audiopipe.tasks.corpora_music import SOUNDFONT
 from audiopipe.tasks.train_music import MusicVocab, train_music
-from audiopipe.tasks.training import TrainSpec
+from audiopipe.tasks.training import TrainSpec, evaluate_registered
 
 TINY = {"embed_dim": 4, "lstm_units": 16, "dropout": 0.0, "window": 32}
 
@@ -67,6 +67,22 @@ def test_trains_registers_with_finite_metrics_and_a_bigram_baseline(trained):
     report = Path(result.report_dir)
     assert {"curves.png", "piano_roll.png", "index.html"} <= {p.name for p in report.iterdir()}
     assert "piano_roll.png" in (report / "index.html").read_text()
+
+
+def test_evaluate_registered_reproduces_the_card_and_names_a_missing_split(trained, tmp_path):
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    spec, _ = trained
+    ref, cache = f"{spec.registry_url}:music@1", str(tmp_path / "cache")
+    out = evaluate_registered(ref, None, spec.labels_url, StorageSpec(), split="test", cache_dir=cache)
+    card = Registry(spec.registry_url).get_card("music@1")
+    assert out["model"].endswith("music@1") and out["split"] == "test" and out["transcripts"] == []
+    assert out["metrics"] == pytest.approx(dict(card.metrics), rel=1e-5)
+    table = pq.read_table(spec.labels_url.removeprefix("file://"))
+    pq.write_table(table.filter(pc.field("split") != "test"), tmp_path / "no_test.parquet")
+    with pytest.raises(ConfigError, match=r"no music scores in split 'test' \(scores per split: \{'train': \d+"):
+        evaluate_registered(ref, "", str(tmp_path / "no_test.parquet"), StorageSpec(), cache_dir=cache)
 
 
 def test_resumes_a_killed_run_from_its_last_checkpoint(trained):

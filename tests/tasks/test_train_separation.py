@@ -29,6 +29,14 @@ def mixtures(tmp_path_factory) -> str:
     return synth("mixtures", str(tmp_path_factory.mktemp("mix")), 12, 0)["labels_url"]
 
 
+@pytest.fixture(scope="module")
+def trained(mixtures, tmp_path_factory):
+    """The tiny model trained once on ``mixtures`` (registered as separate@1): (spec, result, its folder)."""
+    root = tmp_path_factory.mktemp("trained")
+    spec = _spec(mixtures, root)
+    return spec, ts.train_separation(spec, STORAGE), root
+
+
 def _spec(labels_url: str, tmp_path, **kw) -> TrainSpec:
     return TrainSpec("separate", features_url="", labels_url=labels_url, registry_url=str(tmp_path / "registry"),
                      config_hash="", epochs=2, batch_size=4, seed=0, work_dir=str(tmp_path / "work"),
@@ -41,11 +49,10 @@ def _rewrite_labels(labels_url: str, out, change) -> str:
     return str(out)
 
 
-def test_trains_registers_reports_and_resumes(mixtures, tmp_path):
+def test_trains_registers_reports_and_resumes(mixtures, trained):
     from audiopipe.models.registry import Registry
 
-    spec = _spec(mixtures, tmp_path)
-    first = ts.train_separation(spec, STORAGE)
+    spec, first, root = trained
     m = first.metrics
     assert first.epochs_run == 2 and first.resumed_from_epoch == 0 and first.device in ("cpu", "gpu")
     assert m["num_test"] == 2 and all(math.isfinite(v) for v in m.values())
@@ -59,17 +66,17 @@ def test_trains_registers_reports_and_resumes(mixtures, tmp_path):
     assert len(card.normalization.mean) == 65 and min(card.normalization.std) > 0
     assert card.classes == ("speech",) and len(card.history["loss"]) == 2
     assert card.extra["split_counts"] == {"train": 9, "val": 1, "test": 2}
-    loaded, _ = registry.load("separate@latest", tmp_path / "cache")  # checksum-verified, safe mode
+    loaded, _ = registry.load("separate@latest", root / "cache")  # checksum-verified, safe mode
     items, _ = ts.load_mixture_items(mixtures, STORAGE)
     again, _ = ts.evaluate_separation(loaded, [i for i in items if i.split == "test"],
                                       ts.audio_loader(STORAGE, sampling_rate=16_000), cfg=ts.split_overrides(TINY)[0])
     assert again["si_sdri_db"] == pytest.approx(m["si_sdri_db"], abs=1e-3)
-    report = tmp_path / "work" / "reports" / spec.run_key
+    report = root / "work" / "reports" / spec.run_key
     assert (report / "masks.png").stat().st_size > 10_000 and (report / "curves.png").exists()
     assert "masks.png" in (report / "index.html").read_text()
 
     # A run killed after its first epoch: the checkpoint says epoch 1, so the same call trains only epoch 2.
-    ckpt = tmp_path / "work" / "checkpoints" / spec.run_key
+    ckpt = root / "work" / "checkpoints" / spec.run_key
     (ckpt / "state.json").write_text(json.dumps({"epoch": 1}))
     history = json.loads((ckpt / "history.json").read_text())
     (ckpt / "history.json").write_text(json.dumps({k: v[:1] for k, v in history.items()}))
@@ -78,6 +85,22 @@ def test_trains_registers_reports_and_resumes(mixtures, tmp_path):
     assert json.loads((ckpt / "state.json").read_text()) == {"epoch": 2, "done": True}
     assert registry.list_versions("separate") == [1, 2]
     assert second.metrics["oracle_irm_si_sdri_db"] == pytest.approx(m["oracle_irm_si_sdri_db"])
+
+
+def test_evaluate_registered_reproduces_the_card_and_names_a_missing_split(mixtures, trained, tmp_path):
+    from audiopipe.models.registry import Registry
+    from audiopipe.tasks.training import evaluate_registered
+
+    spec, _, _ = trained
+    ref, cache = f"{spec.registry_url}:separate@1", str(tmp_path / "cache")
+    out = evaluate_registered(ref, None, mixtures, STORAGE, split="test", cache_dir=cache)
+    card = Registry(spec.registry_url).get_card("separate@1")
+    assert out["model"].endswith("separate@1") and out["split"] == "test" and out["transcripts"] == []
+    assert set(out["metrics"]) == set(card.metrics) and out["metrics"]["num_test"] == 2
+    assert out["metrics"] == pytest.approx(dict(card.metrics), abs=1e-3)
+    no_test = _rewrite_labels(mixtures, tmp_path / "notest.parquet", lambda r: r if r["split"] != "test" else None)
+    with pytest.raises(ConfigError, match=r"no mixtures in split 'test' \(mixtures per split: .*'test': 0"):
+        evaluate_registered(ref, None, no_test, STORAGE, cache_dir=cache)
 
 
 def test_training_pairs_remix_and_dataset_crops(mixtures):
