@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 WORKER_ENVIRON = {
     "OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1,
     "MALLOC_TRIM_THRESHOLD_": 64 * 1024 * 1024, "MALLOC_MMAP_THRESHOLD_": 32 * 1024 * 1024,
+    "TF_CPP_MIN_LOG_LEVEL": 1,  # TensorFlow's C++ INFO banners, once per worker, drown the run's own logs
 }
 
 

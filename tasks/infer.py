@@ -173,8 +173,14 @@ def _limit_tf_threads(tf) -> None:
 
 
 def warm_model(spec: InferSpec, storage: StorageSpec) -> int:
-    """Load the model on this worker ahead of the first item (``client.run``); returns this process's PID."""
+    """Load the model on this worker ahead of the first item (``client.run``); returns this process's PID.
+
+    Also runs the feature code once: librosa's first call in a process costs seconds (imports, filter banks),
+    which belongs to start-up, not to the first recording.
+    """
     loaded_model(spec, storage)
+    if spec.task != "separate":
+        compute_features(np.zeros(spec.features.sample_rate // 10, np.float32), cfg=spec.features)
     return os.getpid()
 
 
