@@ -108,7 +108,7 @@ class InferPlan:
 
 
 def model_spec(task_name: str, model: str, storage: StorageSpec, *, in_url: str, work_dir: Path,
-               window_s: float | None = None, batch_size: int = 16) -> InferSpec:
+               window_s: float | None = None, batch_size: int = 32) -> InferSpec:
     """Resolve ``model`` and download it, verifying its checksum, before any work is planned.
 
     Raises:
@@ -181,7 +181,7 @@ def _pending(sources: list[SourceFile], fs, layout: ResultLayout) -> list[Source
 
 def bulk_inference(task_name: str, in_url: str, out_url: str, model: str, *, reprocess: bool = False,
                    storage_options: dict | None = None, settings: dict | RunSettings | None = None,
-                   window_s: float | None = None, batch_size: int = 16, gpu: bool = False) -> dict:
+                   window_s: float | None = None, batch_size: int = 32, gpu: bool = False) -> dict:
     """The body shared by the three flows (see their docstrings)."""
     started = time.perf_counter()
     settings = settings if isinstance(settings, RunSettings) else RunSettings(**(settings or {}))
@@ -238,7 +238,7 @@ _RUNNER = ThreadPoolTaskRunner(max_workers=4)
 @flow(name="transcribe", task_runner=_RUNNER, validate_parameters=False)
 def transcribe_flow(in_url: str, out_url: str, model: str, reprocess: bool = False,
                     storage_options: dict | None = None, settings: dict | None = None,
-                    window_s: float | None = None, batch_size: int = 16, gpu: bool = False) -> dict:
+                    window_s: float | None = None, batch_size: int = 32, gpu: bool = False) -> dict:
     """Transcribe every recording under ``in_url`` not yet transcribed by this model version.
 
     Args:
@@ -259,7 +259,7 @@ def transcribe_flow(in_url: str, out_url: str, model: str, reprocess: bool = Fal
 @flow(name="classify-audio", task_runner=_RUNNER, validate_parameters=False)
 def classify_flow(in_url: str, out_url: str, model: str, reprocess: bool = False,
                   storage_options: dict | None = None, settings: dict | None = None,
-                  batch_size: int = 16, gpu: bool = False) -> dict:
+                  batch_size: int = 32, gpu: bool = False) -> dict:
     """Class probabilities per segment and per recording for every recording not yet classified."""
     return bulk_inference("classify", in_url, out_url, model, reprocess=reprocess, storage_options=storage_options,
                           settings=settings, batch_size=batch_size, gpu=gpu)

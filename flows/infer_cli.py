@@ -82,7 +82,7 @@ def register(app: typer.Typer) -> None:
     def transcribe(in_url: In, out_url: Out, model: Model, reprocess: Reprocess = False, workers: Workers = None,
                    dask_address: Address = None, files_per_shard: PerShard = None, storage_options: Options = None,
                    window_s: Annotated[float | None, typer.Option(help="Window length for long recordings, s (plus 1 s of context each side). (default: 10)")] = None,
-                   batch_size: Annotated[int, typer.Option(help="Windows per model call.")] = 16,
+                   batch_size: Annotated[int, typer.Option(help="Windows per model call.")] = 32,
                    gpu: Gpu = False, progress: Progress = True) -> None:
         """Transcribe every recording under IN_URL that this model version has not transcribed yet.
 
@@ -96,7 +96,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def classify(in_url: In, out_url: Out, model: Model, reprocess: Reprocess = False, workers: Workers = None,
                  dask_address: Address = None, files_per_shard: PerShard = None, storage_options: Options = None,
-                 batch_size: Annotated[int, typer.Option(help="Segments per model call.")] = 16,
+                 batch_size: Annotated[int, typer.Option(help="Segments per model call.")] = 32,
                  gpu: Gpu = False, progress: Progress = True) -> None:
         """Class probabilities per segment and per recording, for every recording not yet classified."""
         _run("classify", in_url, out_url, model, dict(reprocess=reprocess, workers=workers, dask_address=dask_address,

@@ -38,8 +38,10 @@ from audiopipe.tasks.shards import ShardPlan, manifest_table, now_utc, write_tab
 log = logging.getLogger(__name__)
 
 CHUNK_WINDOWS = 12  # windows per Dask item of a long recording (~2 min at 10 s windows)
-GROUP_BYTES = 4 * 1024 * 1024  # small recordings per item, up to about this many bytes ...
-GROUP_FILES = 32  # ... or this many recordings
+# Small recordings per item, up to about this many bytes or recordings: full batches on the worker (measured
+# +23% throughput over 4 MiB / 32, as the model ran half-empty batches of ~11 windows).
+GROUP_BYTES = 16 * 1024 * 1024
+GROUP_FILES = 64
 WINDOW_PER_SHARD = 3  # items in flight per shard
 
 
