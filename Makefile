@@ -43,6 +43,9 @@ test-e2e: venv
 bench: venv
 	$(PYTHON) benchmarks/featurize.py
 
+bench-inference: venv
+	$(PYTHON) benchmarks/inference.py
+
 store-up: venv
 	$(VENV)/bin/audiopipe store up
 
