@@ -150,6 +150,12 @@ def _results(client: Client, items: list[WorkItem], cfg: FeatureConfig, storage:
 
 
 def _resolve(item: WorkItem, future: Future) -> ItemResult:
+    """The item's result, or its rejection when it failed on a worker.
+
+    Raises:
+        Exception: the item has no answer because the client cancelled it or is closing (Ctrl-C, the flow
+            stopping); re-raised so the shard does not commit, since a rejection is never retried.
+    """
     url = item.source.url
     try:
         return future.result()
@@ -158,6 +164,8 @@ def _resolve(item: WorkItem, future: Future) -> ItemResult:
         return ItemResult(url, reason=f"{CRASH_CATEGORY}: the worker process died every time it processed this "
                                       "file (crash or out of memory); quarantined")
     except Exception as exc:
+        if future.status != "error":  # not the item's own failure: cancelled, or the client shutting down
+            raise
         future.release()
         if is_transient(exc):
             raise TransientStorageError(f"storage failed while reading {url}: {exc}") from exc

@@ -111,13 +111,20 @@ def plan_items(client: Client, files: tuple[SourceFile, ...], spec: InferSpec, s
 
 
 def _resolve(item: InferItem, future: Future) -> list[InferOutput] | None:
-    """The item's outputs; None when its worker died (the caller retries its recordings alone)."""
+    """The item's outputs; None when its worker died (the caller retries its recordings alone).
+
+    Raises:
+        Exception: the item has no answer because the client cancelled it or is closing (Ctrl-C, the flow
+            stopping); its error is re-raised so the shard does not commit. A rejection is never retried.
+    """
     try:
         return future.result()
     except KilledWorker:
         future.release()
         return None
     except Exception as exc:
+        if future.status != "error":  # not the item's own failure: cancelled, or the client shutting down
+            raise
         future.release()
         if is_transient(exc):
             raise TransientStorageError(f"storage failed while reading {item.sources[0].url}: {exc}") from exc
