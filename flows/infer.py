@@ -154,7 +154,7 @@ def plan_inference(task_name: str, in_url: str, out_url: str, model: str, storag
                                                 "model_sha256": spec.model_sha256, "task": task_name,
                                                 "feature_config": spec.feature_config, "labels": list(spec.labels)})
     pending = sources if reprocess else _pending(sources, fs, layout)
-    shards = plan_shards(pending, settings.files_per_shard)
+    shards = plan_shards(pending, settings.files_per_shard, by_size=True)  # similar lengths batch together
     logger.info("%s with %s: %d recordings listed, %d already answered, %d to process in %d shards",
                 task_name, spec.model_tag, len(sources), len(sources) - len(pending), len(pending), len(shards))
     return InferPlan(spec, layout, tuple(shards), len(sources), len(sources) - len(pending), repaired)

@@ -86,13 +86,14 @@ class OutputLayout:
         return path[len(self.root):].lstrip("/")
 
 
-def plan_shards(pending: list[SourceFile], files_per_shard: int) -> list[ShardPlan]:
-    """Group pending files into shards of at most ``files_per_shard``, in path order.
+def plan_shards(pending: list[SourceFile], files_per_shard: int, *, by_size: bool = False) -> list[ShardPlan]:
+    """Group pending files into shards of at most ``files_per_shard``, in path order (or size order).
 
     Dask balances the per-file work across workers, so shards only need to be small enough to retry
-    cheaply and large enough that one Prefect task (~0.1 s) is noise beside its files.
+    cheaply and large enough that one Prefect task (~0.1 s) is noise beside its files. ``by_size`` puts
+    files of similar length together, so inference batches them with little padding.
     """
-    ordered = sorted(pending, key=lambda f: f.url)
+    ordered = sorted(pending, key=(lambda f: (f.size, f.url)) if by_size else (lambda f: f.url))
     plans = []
     for start in range(0, len(ordered), files_per_shard):
         files = tuple(ordered[start:start + files_per_shard])
