@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import psutil
 
+from common import start_prefect  # noqa: E402 - benchmarks/common.py, beside this script
 from audiopipe.infra.settings import apply_prefect_defaults
 
 if TYPE_CHECKING:
@@ -239,19 +240,6 @@ def floor_child(corpus: Path) -> None:
 
 
 # ---- (b, c) the flow in this process ----------------------------------------------------------------
-
-def start_prefect() -> float:
-    """Run an empty flow once, so Prefect's ephemeral API start-up is timed apart from the runs."""
-    from prefect import flow
-
-    @flow(name="bench-warm-up")
-    def warm_up() -> None:
-        return None
-
-    started = time.perf_counter()
-    warm_up()
-    return time.perf_counter() - started
-
 
 def run_featurize(in_dir: Path, out_dir: Path, workers: int, work_dir: Path) -> dict:
     """``featurize`` on local directories; the summary plus ``outer_wall_s`` (timed around the call)."""

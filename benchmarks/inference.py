@@ -65,6 +65,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
+from common import start_prefect  # noqa: E402 - benchmarks/common.py, beside this script
 from audiopipe.infra.settings import apply_prefect_defaults  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / ".data"
@@ -378,19 +379,6 @@ def plain_loops(paths: list[Path], model_ref: str, work_dir: Path) -> tuple[dict
 
 
 # ---- (b, c) the flow in this process ----------------------------------------------------------------
-
-def start_prefect() -> float:
-    """Run an empty flow once, so Prefect's ephemeral API start-up is timed apart from the runs."""
-    from prefect import flow
-
-    @flow(name="bench-warm-up")
-    def warm_up() -> None:
-        return None
-
-    started = time.perf_counter()
-    warm_up()
-    return time.perf_counter() - started
-
 
 def tree_state(root: Path) -> dict[str, tuple[int, int]]:
     """``relative path -> (size, mtime_ns)`` of every file under ``root``."""
