@@ -200,6 +200,7 @@ def fit_with_checkpoints(spec: TrainSpec, model, datasets, ckpt_dir: Path, start
             self.model.save(ckpt_dir / "last.keras")
             history_file.write_text(json.dumps(past))
             (ckpt_dir / "state.json").write_text(json.dumps({"epoch": epoch + 1}))
+            publish_epoch(spec, epoch + 1, logs or {})
 
     state_file = ckpt_dir / "state.json"
     finished = state_file.exists() and json.loads(state_file.read_text()).get("done", False)
@@ -212,6 +213,24 @@ def fit_with_checkpoints(spec: TrainSpec, model, datasets, ckpt_dir: Path, start
         model.save(ckpt_dir / "last.keras")  # the restored best weights, not the last epoch's
         state_file.write_text(json.dumps({"epoch": len(past.get("loss", [])), "done": True}))
     return past
+
+
+EPOCH_TOPIC = "audiopipe-train-epoch"
+
+
+def publish_epoch(spec: TrainSpec, epoch: int, logs: dict) -> None:
+    """Send one epoch's metrics to the Dask scheduler's event log, where the flow relays them to Prefect.
+
+    A no-op outside a Dask worker (a direct call of ``train_model``).
+    """
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return
+    worker.log_event(EPOCH_TOPIC, {"run": spec.run_key, "epoch": epoch, "epochs": spec.epochs,
+                                   "metrics": {k: float(v) for k, v in logs.items()}})
 
 
 def register_model(spec, storage, model, cfg, shards, stats, vocab_or_classes, metrics, history):

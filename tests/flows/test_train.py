@@ -33,13 +33,18 @@ def sounds(tmp_path_factory):
     return root
 
 
-def test_classifier_trains_registers_and_resumes(sounds, tmp_path, prefect_api):
+def test_classifier_trains_registers_and_resumes(sounds, tmp_path, prefect_api, caplog):
     settings = RunSettings(workers=1, work_dir=tmp_path / "work")
     featurize(str(sounds / "corpus" / "audio"), str(tmp_path / "feat"), feature_config=_cfg(), settings=settings)
     config_hash = detect_config_hash(str(tmp_path / "feat"), StorageSpec())
     spec = TrainSpec("classify", str(tmp_path / "feat"), str(sounds / "corpus" / "labels" / "labels.parquet"),
                      str(tmp_path / "reg"), config_hash, epochs=2, batch_size=8, work_dir=str(tmp_path / "work"))
-    first = train_model_flow(spec, settings)
+    with caplog.at_level("INFO", logger="prefect"):
+        first = train_model_flow(spec, settings)
+    # each epoch's metrics reach the flow run's log as the worker finishes it
+    epoch_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [line.split(":")[0] for line in epoch_lines] == ["epoch 1/2", "epoch 2/2"]
+    assert all("val_loss" in line for line in epoch_lines)
     assert first["model_ref"].endswith("classify@1") and first["epochs_run"] == 2
     assert 0.0 <= first["metrics"]["accuracy"] <= 1.0 and first["metrics"]["num_test"] > 0
     assert (Path(first["report_dir"]) / "confusion.png").exists()
