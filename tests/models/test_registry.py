@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from audiopipe.infra.errors import AudiopipeError, ConfigError
-from audiopipe.models.registry import (IntegrityError, ModelCard, ModelRef, Normalization, Registry, RegistryError,
-                                       TrainingData, decide, feature_config_hash, open_model_ref, parse_model_ref,
-                                       shards_hash_of)
+from audiopipe.models.cards import (IntegrityError, ModelCard, ModelRef, Normalization, RegistryError, TrainingData,
+                                    decide, feature_config_hash, parse_model_ref, shards_hash_of)
+from audiopipe.models.registry import Registry, open_model_ref
 from audiopipe.tasks.features import FeatureConfig
 
 FEATURES = FeatureConfig(n_mels=8).to_dict()
