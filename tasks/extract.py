@@ -84,9 +84,13 @@ class ItemResult:
         return self.reason is None
 
 
-def _suffix(url: str) -> str:
+def unsupported_reason(url: str) -> str | None:
+    """The rejection reason for a format libsndfile cannot decode (by extension), else None."""
     name = url.rsplit("/", 1)[-1]
-    return "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
+    suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
+    if suffix in UNSUPPORTED_EXTENSIONS:
+        return f"unsupported format: no {suffix} (AAC) decoder in libsndfile; convert to FLAC or WAV"
+    return None
 
 
 def probe_item(source: SourceFile, storage: StorageSpec) -> AudioInfo | str:
@@ -110,9 +114,9 @@ def featurize_item(item: WorkItem, cfg: FeatureConfig, storage: StorageSpec) -> 
     """
     started = time.perf_counter()
     url = item.source.url
-    if _suffix(url) in UNSUPPORTED_EXTENSIONS:
-        return ItemResult(url, reason=f"unsupported format: no {_suffix(url)} (AAC) decoder in libsndfile; "
-                                      "convert to FLAC or WAV")
+    reason = unsupported_reason(url)
+    if reason:
+        return ItemResult(url, reason=reason)
     fs, path = open_fs(url, storage)
     try:
         # a chunk of a long file reads only its byte ranges; a whole small file comes in one GET

@@ -30,8 +30,8 @@ import numpy as np
 
 from audiopipe.infra.errors import BadAudioError, ConfigError
 from audiopipe.infra.storage import StorageSpec, join, open_fs, put_file_atomic
-from audiopipe.tasks.audio_io import UNSUPPORTED_EXTENSIONS, AudioInfo, iter_segments, open_source, probe
-from audiopipe.tasks.extract import SourceFile
+from audiopipe.tasks.audio_io import AudioInfo, iter_segments, open_source, probe
+from audiopipe.tasks.extract import SourceFile, unsupported_reason
 from audiopipe.tasks.features import FeatureConfig, compute_features
 
 log = logging.getLogger(__name__)
@@ -272,18 +272,10 @@ def _open(source: SourceFile, storage: StorageSpec, stream: bool):
     return handle, snd, info
 
 
-def _suffix_reason(url: str) -> str | None:
-    name = url.rsplit("/", 1)[-1]
-    suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
-    if suffix in UNSUPPORTED_EXTENSIONS:
-        return f"unsupported format: no {suffix} (AAC) decoder in libsndfile; convert to FLAC or WAV"
-    return None
-
-
 def _decode_windows(source: SourceFile, item: InferItem, spec: InferSpec, storage: StorageSpec,
                     windows: list, slot: int) -> InferOutput:
     """Decode and featurize the source's windows into ``windows`` as ``(slot, Window, features)``."""
-    out = InferOutput(source.url, reason=_suffix_reason(source.url))
+    out = InferOutput(source.url, reason=unsupported_reason(source.url))
     if out.reason:
         return out
     cfg = spec.features
@@ -388,7 +380,7 @@ def _separate_one(source: SourceFile, loaded: LoadedModel, spec: InferSpec, stor
 
     from audiopipe.models.separation import SeparationConfig, apply_mask_istft, stft_mag_phase
 
-    out = InferOutput(source.url, reason=_suffix_reason(source.url))
+    out = InferOutput(source.url, reason=unsupported_reason(source.url))
     if out.reason:
         return out
     settings = spec.feature_config
