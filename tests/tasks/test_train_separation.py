@@ -15,6 +15,7 @@ from audiopipe.flows.synth import synth
 from audiopipe.infra.errors import BadAudioError, ConfigError
 from audiopipe.infra.schemas import LABELS_V1
 from audiopipe.infra.storage import StorageSpec
+from audiopipe.tasks import separation_data as sd
 from audiopipe.tasks import train_separation as ts
 from audiopipe.tasks.training import TrainSpec
 
@@ -67,9 +68,9 @@ def test_trains_registers_reports_and_resumes(mixtures, trained):
     assert card.classes == ("speech",) and len(card.history["loss"]) == 2
     assert card.extra["split_counts"] == {"train": 9, "val": 1, "test": 2}
     loaded, _ = registry.load("separate@latest", root / "cache")  # checksum-verified, safe mode
-    items, _ = ts.load_mixture_items(mixtures, STORAGE)
+    items, _ = sd.load_mixture_items(mixtures, STORAGE)
     again, _ = ts.evaluate_separation(loaded, [i for i in items if i.split == "test"],
-                                      ts.audio_loader(STORAGE, sampling_rate=16_000), cfg=ts.split_overrides(TINY)[0])
+                                      sd.audio_loader(STORAGE, sampling_rate=16_000), cfg=ts.split_overrides(TINY)[0])
     assert again["si_sdri_db"] == pytest.approx(m["si_sdri_db"], abs=1e-3)
     report = root / "work" / "reports" / spec.run_key
     assert (report / "masks.png").stat().st_size > 10_000 and (report / "curves.png").exists()
@@ -104,20 +105,20 @@ def test_evaluate_registered_reproduces_the_card_and_names_a_missing_split(mixtu
 
 
 def test_training_pairs_remix_and_dataset_crops(mixtures):
-    items, digest = ts.load_mixture_items(mixtures, STORAGE)
+    items, digest = sd.load_mixture_items(mixtures, STORAGE)
     cfg, options = ts.split_overrides(TINY)
     assert len(items) == 12 and len(digest) == 64 and options["crop_frames"] == 48
-    load = ts.audio_loader(STORAGE, sampling_rate=cfg.sampling_rate, cache=True)
-    mixture, speech, background = ts.load_triplet(items[1], load)
+    load = sd.audio_loader(STORAGE, sampling_rate=cfg.sampling_rate, cache=True)
+    mixture, speech, background = sd.load_triplet(items[1], load)
     assert mixture.shape == speech.shape == background.shape and mixture.dtype == np.float32
     np.testing.assert_allclose(mixture, speech + background, atol=2e-4)  # 16-bit rounding of three files
     rng = np.random.default_rng(0)
-    same = ts.training_pair(items, 1, load, rng, remix_fraction=0.0, snr_range_db=(-5.0, 10.0))
+    same = sd.training_pair(items, 1, load, rng, remix_fraction=0.0, snr_range_db=(-5.0, 10.0))
     np.testing.assert_array_equal(same[0], mixture)
-    remixed, stem = ts.training_pair(items, 1, load, rng, remix_fraction=1.0, snr_range_db=(0.0, 0.0))
+    remixed, stem = sd.training_pair(items, 1, load, rng, remix_fraction=1.0, snr_range_db=(0.0, 0.0))
     assert remixed.shape == stem.shape == speech.shape and np.abs(remixed).max() == pytest.approx(0.9, abs=1e-3)
     np.testing.assert_allclose(stem / np.abs(stem).max(), speech / np.abs(speech).max(), atol=1e-4)
-    ds = ts.separation_dataset(items[1:5], load, cfg=cfg, batch_size=2, crop_frames=48, remix_fraction=0.5,
+    ds = sd.separation_dataset(items[1:5], load, cfg=cfg, batch_size=2, crop_frames=48, remix_fraction=0.5,
                                shuffle=True)
     for x, y in ds:
         assert x["magnitude"].shape[1] == 48 and x["magnitude"].shape == y["estimate"].shape
@@ -154,10 +155,10 @@ def test_undecodable_audio_names_the_url(tmp_path):
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"RIFF not really a wav")
     with pytest.raises(BadAudioError, match="bad.wav: cannot decode"):
-        ts.load_mono(str(bad), STORAGE, sampling_rate=16_000)
+        sd.load_mono(str(bad), STORAGE, sampling_rate=16_000)
     wav = io.BytesIO()
     import soundfile as sf
 
     sf.write(wav, np.zeros(800, np.float32), 8_000, format="WAV")
     (tmp_path / "ok.wav").write_bytes(wav.getvalue())
-    assert ts.load_mono(str(tmp_path / "ok.wav"), STORAGE, sampling_rate=16_000).shape == (1600,)
+    assert sd.load_mono(str(tmp_path / "ok.wav"), STORAGE, sampling_rate=16_000).shape == (1600,)
