@@ -192,7 +192,9 @@ def train(
     config_hash: Annotated[str | None, typer.Option(help="Feature partition to train on (auto when only one).")] = None,
     epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping may end sooner).")] = 10,
     batch_size: Annotated[int, typer.Option(help="Examples per batch.")] = 16,
-    learning_rate: Annotated[float, typer.Option(help="Adam learning rate (halved on plateaus).")] = 1e-3,
+    learning_rate: Annotated[float, typer.Option(help="Adam learning rate (peak rate under --lr-schedule cosine).")] = 1e-3,
+    lr_schedule: Annotated[str, typer.Option(help="plateau: halve the rate when validation loss stalls; cosine: "
+                                             "decay it over --epochs (best for a fixed budget).")] = "plateau",
     seed: Annotated[int, typer.Option(help="Seed for weights, shuffling and dropout.")] = 0,
     gpu: Annotated[bool, typer.Option(help="Require a GPU worker (fails if none); mixed precision there.")] = False,
     name: Annotated[str | None, typer.Option(help="Registry model name (default: the family).")] = None,
@@ -220,7 +222,7 @@ def train(
             config_hash = detect_config_hash(features, storage)
         spec = TrainSpec(family, features or "", labels, registry, config_hash or "",
                          epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                         require_gpu=gpu, model_name=name, work_dir=str(settings.work_dir))
+                         lr_schedule=lr_schedule, require_gpu=gpu, model_name=name, work_dir=str(settings.work_dir))
         result = train_model_flow(spec, settings, options)
     except AudiopipeError as exc:
         fail(str(exc))

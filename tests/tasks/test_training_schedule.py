@@ -1,0 +1,91 @@
+"""Learning-rate schedules of ``fit_with_checkpoints``: the rate Keras really used per epoch, and resume.
+
+A tiny dense model on random regression data is enough: what is checked is the optimizer's rate in each
+epoch's logs, which does not depend on the model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from audiopipe.infra.errors import ConfigError
+from audiopipe.tasks.training import BUCKET_EDGES, TrainSpec, cosine_lr, fit_with_checkpoints
+
+
+def _spec(tmp_path, **kw) -> TrainSpec:
+    return TrainSpec("classify", "", "", "", "", work_dir=str(tmp_path), **kw)
+
+
+def _model_and_data(seed: int = 0):
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = (x @ rng.normal(size=(4, 1))).astype("float32")
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.Adam(0.01), loss="mse")
+    return model, {"train": ds, "val": ds}
+
+
+def test_cosine_schedule_warms_up_then_decays_to_two_percent(tmp_path):
+    spec = _spec(tmp_path, epochs=10, learning_rate=0.003, lr_schedule="cosine")
+    rates = [cosine_lr(spec, e) for e in range(spec.epochs)]
+    assert rates[0] == pytest.approx(0.001)  # warm-up epoch at a third
+    assert rates[1] == pytest.approx(0.003)  # then the full rate
+    assert all(a > b for a, b in zip(rates[1:], rates[2:], strict=False))  # strictly decaying after
+    assert rates[-1] == pytest.approx(0.003 * 0.02)
+
+
+def test_fit_applies_the_cosine_rate_each_epoch_and_a_resume_continues_the_curve(tmp_path):
+    spec = _spec(tmp_path, epochs=5, learning_rate=0.01, lr_schedule="cosine", patience=10)
+    expected = [cosine_lr(spec, e) for e in range(spec.epochs)]
+
+    # First run "killed" after 3 epochs: a spec with epochs=3 would have another curve, so stop the fit
+    # from inside instead, as a kill between epochs leaves the checkpoint behind.
+    import keras
+
+    model, data = _model_and_data()
+
+    class KillAfter3(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 2:
+                self.model.stop_training = True
+
+    ckpt = tmp_path / "ckpt"
+    original_fit = model.fit
+    model.fit = lambda *a, **kw: original_fit(*a, **{**kw, "callbacks": [*kw["callbacks"], KillAfter3()]})
+    fit_with_checkpoints(spec, model, data, ckpt, 0)
+    state = json.loads((ckpt / "state.json").read_text())
+    assert len(json.loads((ckpt / "history.json").read_text())["loss"]) == 3
+    (ckpt / "state.json").write_text(json.dumps({"epoch": 3}))  # a killed run never wrote "done"
+
+    resumed = keras.saving.load_model(ckpt / "last.keras")
+    history = fit_with_checkpoints(spec, resumed, data, ckpt, 3)
+    assert state["epoch"] == 3
+    assert history["learning_rate"] == pytest.approx(expected, rel=1e-5)
+    assert history["loss"][-1] < history["loss"][0]
+
+
+def test_plateau_schedule_keeps_the_rate_until_validation_stalls(tmp_path):
+    spec = _spec(tmp_path, epochs=3, learning_rate=0.01, patience=4)
+    model, data = _model_and_data()
+    history = fit_with_checkpoints(spec, model, data, tmp_path / "ckpt", 0)
+    assert history["learning_rate"] == pytest.approx([0.01] * 3)  # loss falls every epoch: no halving
+
+
+def test_unknown_schedule_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="lr_schedule 'linear'"):
+        _spec(tmp_path, lr_schedule="linear")
+
+
+def test_bucket_edges_bound_padding_to_twenty_percent():
+    edges = np.asarray(BUCKET_EDGES)
+    assert edges[0] == 100 and edges[-1] >= 2500  # 1 s to ~27 s at a 10 ms hop
+    assert np.all(np.diff(edges) > 0)
+    assert np.max(edges[1:] / edges[:-1]) <= 1.21
