@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -91,9 +91,7 @@ def _plan_items(client: Client, files: tuple[SourceFile, ...], cfg: FeatureConfi
     """One item per small file; larger files are probed (on a worker) and cut into chunks of segments,
     so items are of similar size and both workers stay busy to the end."""
     large = [f for f in files if f.size > PROBE_MIN_BYTES]
-    attempt = uuid.uuid4().hex[:8]
-    futures = [client.submit(probe_item, f, storage, key=f"probe-{item_key(WorkItem(f))}-{attempt}") for f in large]
-    probes = dict(zip((f.url for f in large), client.gather(futures)))
+    probes = probe_files(client, large, storage, lambda f: item_key(WorkItem(f)))
     per_chunk = max(1, int(CHUNK_SECONDS // cfg.segment_seconds))
     items: list[WorkItem] = []
     for f in files:
@@ -109,7 +107,8 @@ def _plan_items(client: Client, files: tuple[SourceFile, ...], cfg: FeatureConfi
     return items
 
 
-def in_completion_order(items: list, submit: Callable[[object], Future], window: int) -> Iterator[tuple[object, Future]]:
+def in_completion_order(items: list, submit: Callable[[object], Future],
+                        window: int) -> Iterator[tuple[object, Future]]:
     """Keep ``window`` items in flight (``submit(item)`` starts one); yield ``(item, future)`` as each finishes.
 
     Completion order, not submission order: a long item never holds back the short ones behind it.
@@ -149,28 +148,52 @@ def _results(client: Client, items: list[WorkItem], cfg: FeatureConfig, storage:
         yield item, _resolve(item, future)
 
 
-def _resolve(item: WorkItem, future: Future) -> ItemResult:
-    """The item's result, or its rejection when it failed on a worker.
+def probe_files(client: Client, files: list[SourceFile], storage: StorageSpec,
+                key_of: Callable[[SourceFile], str]) -> dict[str, AudioInfo | str]:
+    """``probe_item`` of each file, run on the workers: url -> its header, or the reason it is rejected.
+
+    A file whose probe kills its worker every time (``KilledWorker``) is rejected as a worker crash, like a
+    file that crashes featurizing, instead of failing the whole shard.
+    """
+    attempt = uuid.uuid4().hex[:8]  # fresh keys: Dask would hand back a cached error for a retried shard
+    futures = {f.url: client.submit(probe_item, f, storage, key=f"probe-{key_of(f)}-{attempt}") for f in files}
+    probes: dict[str, AudioInfo | str] = {}
+    for url, future in futures.items():
+        try:
+            probes[url] = future.result()
+        except Exception as exc:
+            probes[url] = failure_reason(future, exc, url, doing="probed")
+    return probes
+
+
+def failure_reason(future: Future, exc: Exception, url: str, *, doing: str = "processed") -> str:
+    """The rejection reason for a file whose work ``future`` raised ``exc`` on a worker.
 
     Raises:
-        Exception: the item has no answer because the client cancelled it or is closing (Ctrl-C, the flow
-            stopping); re-raised so the shard does not commit, since a rejection is never retried.
+        TransientStorageError: the store failed, not the file (the shard is retried).
+        Exception: ``exc`` itself when it is not the file's failure: the client cancelled the task or is
+            closing (Ctrl-C, the flow stopping). Re-raised so the shard does not commit, since a rejection
+            is never retried.
     """
-    url = item.source.url
+    if isinstance(exc, KilledWorker):
+        future.release()
+        return (f"{CRASH_CATEGORY}: the worker process died every time it {doing} this file "
+                "(crash or out of memory); quarantined")
+    if future.status != "error":  # not the item's own failure: cancelled, or the client shutting down
+        raise exc
+    future.release()
+    if is_transient(exc):
+        raise TransientStorageError(f"storage failed while reading {url}: {exc}") from exc
+    log.error("unexpected error processing %s", url, exc_info=exc)
+    return f"processing failed: {type(exc).__name__}: {exc}"
+
+
+def _resolve(item: WorkItem, future: Future) -> ItemResult:
+    """The item's result, or its rejection when it failed on a worker (see ``failure_reason``)."""
     try:
         return future.result()
-    except KilledWorker:
-        future.release()
-        return ItemResult(url, reason=f"{CRASH_CATEGORY}: the worker process died every time it processed this "
-                                      "file (crash or out of memory); quarantined")
     except Exception as exc:
-        if future.status != "error":  # not the item's own failure: cancelled, or the client shutting down
-            raise
-        future.release()
-        if is_transient(exc):
-            raise TransientStorageError(f"storage failed while reading {url}: {exc}") from exc
-        log.exception("unexpected error processing %s", url)
-        return ItemResult(url, reason=f"processing failed: {type(exc).__name__}: {exc}")
+        return ItemResult(item.source.url, reason=failure_reason(future, exc, item.source.url))
 
 
 def run_shard(client: Client, plan: ShardPlan, cfg: FeatureConfig, storage: StorageSpec, out_url: str,

@@ -26,9 +26,9 @@ from audiopipe.infra.errors import TransientStorageError
 from audiopipe.infra.settings import RunSettings
 from audiopipe.infra.storage import StorageSpec, is_transient, open_fs, write_bytes_atomic
 from audiopipe.tasks.audio_io import AudioInfo, num_segments
-from audiopipe.tasks.execute import (_SUSPECT_LOCK, CRASH_CATEGORY, PROBE_MIN_BYTES, in_completion_order,
+from audiopipe.tasks.execute import (_SUSPECT_LOCK, CRASH_CATEGORY, PROBE_MIN_BYTES, in_completion_order, probe_files,
                                      reject_category, retry_if_transient)
-from audiopipe.tasks.extract import SourceFile, probe_item, us_to_datetime
+from audiopipe.tasks.extract import SourceFile, us_to_datetime
 from audiopipe.tasks.infer import InferItem, InferOutput, InferSpec, infer_item
 from audiopipe.tasks.infer_layout import (ResultLayout, class_rows, relative_source, stem_rows, table_of,
                                           transcript_rows)
@@ -81,10 +81,7 @@ def plan_items(client: Client, files: tuple[SourceFile, ...], spec: InferSpec, s
     """Groups of small recordings; chunks of windows of large ones (probed on a worker first)."""
     chunked = spec.task != "separate"  # separation streams one recording per item, start to end
     large = [f for f in files if f.size > PROBE_MIN_BYTES] if chunked else []
-    attempt = uuid.uuid4().hex[:8]
-    futures = [client.submit(probe_item, f, storage, key=f"probe-{item_key(InferItem((f,)), spec)}-{attempt}")
-               for f in large]
-    probes = dict(zip((f.url for f in large), client.gather(futures)))
+    probes = probe_files(client, large, storage, lambda f: item_key(InferItem((f,)), spec))
     core_s = spec.window_s  # transcribe: the window core; classify: the model's feature segment
     items, group, group_bytes = [], [], 0
     for f in sorted(files, key=lambda f: f.size):

@@ -24,7 +24,7 @@ from audiopipe.flows.extract_features import featurize
 from audiopipe.infra.settings import RunSettings
 from audiopipe.infra.storage import StorageSpec, open_fs
 from audiopipe.tasks.discover import list_audio_sources
-from audiopipe.tasks.execute import item_key
+from audiopipe.tasks.execute import PROBE_MIN_BYTES, item_key
 from audiopipe.tasks.extract import WorkItem
 from audiopipe.tasks.features import FeatureConfig
 from audiopipe.tasks.shards import OutputLayout, read_manifest
@@ -148,6 +148,27 @@ def test_poison_file_is_quarantined_not_fatal(tmp_path, own_cluster, prefect_api
     assert manifest[poison.url]["reason"].startswith("worker crash")
     assert summary["files_ok"] == 5 and summary["rejected_by_reason"] == {"worker crash": 1}
 
+
+
+def test_file_whose_probe_crashes_its_worker_is_quarantined(tmp_path, own_cluster, prefect_api):
+    """Files over PROBE_MIN_BYTES are probed on a worker before planning; a probe that kills its worker
+    every time must reject that one file, not fail the shard it shares with healthy files."""
+    import numpy as np
+
+    make_corpus(tmp_path / "in", 3)
+    big = tone(330, 150.0, 16000) + noise(150.0, 16000, rng=np.random.default_rng(1))  # 4.8 MB as 16-bit WAV
+    sf.write(tmp_path / "in" / "long.wav", big, 16000, subtype="PCM_16")
+    assert (tmp_path / "in" / "long.wav").stat().st_size > PROBE_MIN_BYTES
+    cfg, out = FeatureConfig(), f"file://{tmp_path}/out"
+    long_file = next(f for f in list_audio_sources(str(tmp_path / "in"), StorageSpec()) if f.url.endswith("long.wav"))
+    with Client(own_cluster.scheduler_address) as client:
+        client.register_plugin(PoisonKey(f"probe-{item_key(WorkItem(long_file))}"))
+        summary = featurize(str(tmp_path / "in"), out, feature_config=cfg, settings=RunSettings(
+            dask_address=own_cluster.scheduler_address, files_per_shard=4, work_dir=tmp_path / "work"))
+    manifest = {r["source"]: r for r in assert_exactly_once(out, cfg, 4)}
+    assert manifest[long_file.url]["status"] == "rejected"
+    assert manifest[long_file.url]["reason"].startswith("worker crash: the worker process died every time it probed")
+    assert summary["files_ok"] == 3 and summary["rejected_by_reason"] == {"worker crash": 1}
 
 @pytest.mark.s3
 def test_store_restart_mid_run_completes(tmp_path, own_cluster, prefect_api, s3_store):
