@@ -180,8 +180,10 @@ def probe_asr_epoch_s(features_url: str, config_hash: str, labels_url: str, over
     train_frames = sum(r["duration_s"] * 100 for r in rows if r["split"] == "train")
     val_frames = sum(r["duration_s"] * 100 for r in rows if r["split"] == "val")
     per_frame = seconds / max(frames, 1)
-    # Forward-only validation costs about a third of a training step per frame.
-    epoch_s = per_frame * (train_frames + val_frames / 3)
+    # Forward-only validation costs about a third of a training step per frame. Real epochs run slower than
+    # the probe's steady batches (each bucket's last partial batch, new shapes traced, the Dask worker): on
+    # 2026-11-25 idle epochs took 128-143 s against a 110 s estimate, hence the factor.
+    epoch_s = 1.25 * per_frame * (train_frames + val_frames / 3)
     return {"s_per_audio_hour": round(per_frame * 360_000, 1), "epoch_s_estimate": round(epoch_s, 1),
             "probe_batches": steps, "probe_s": round(seconds, 1), "params": int(model.count_params())}
 
@@ -196,22 +198,27 @@ def asr_group(row: dict) -> list[str]:
     return [f"training_voices_{engine.replace('-', '_')}"]
 
 
-def evaluate_asr_groups(model_ref: str, features_url: str, config_hash: str, labels_url: str,
-                        beam_max: int, beam_width: int) -> dict:
-    """Load the registered model, decode the test split, and report CER/WER per voice group."""
-    from audiopipe.infra.storage import StorageSpec
-    from audiopipe.models.asr_ctc import CharNgramLM, beam_search_decode, greedy_decode
-    from audiopipe.models.data import iter_examples, open_shard_set
-    from audiopipe.models.layers import output_lengths
-    from audiopipe.models.metrics import cer, wer
-    from audiopipe.models.registry import Registry
+def asr_conditions(row: dict) -> list[str]:
+    """The recording conditions of a test utterance, for CER by condition (a row may be in several)."""
+    applied = list(row.get("augment") or [])
+    if not applied:
+        return ["clean"]
+    out = [name for name in ("reverb", "telephone", "mulaw") if name in applied]
+    if "noise" in applied and row.get("snr_db") is not None:
+        out.append("noise 5-15 dB" if row["snr_db"] < 15 else "noise 15-30 dB")
+    return out
 
-    started = time.monotonic()
-    model, card = Registry(str(DATA / "registry")).load(model_ref, DATA / "work" / "model-cache")
-    subsample = int(card.params["model_config"]["subsample"])
-    shards = open_shard_set(features_url, config_hash, labels_url, StorageSpec({}))
-    examples = sorted(iter_examples(shards, "test", lambda r: r), key=lambda e: e[0].shape[0])
-    refs, hyps, logits_all, lengths_all = [], [], [], []
+
+def asr_logits(model, subsample: int, shards, split: str, limit: int | None = None):
+    """(rows, refs, greedy hyps, per-row logits) of a split, decoded in length-sorted batches of 32."""
+    from audiopipe.models.asr_ctc import greedy_decode
+    from audiopipe.models.data import iter_examples
+    from audiopipe.models.layers import output_lengths
+
+    examples = sorted(iter_examples(shards, split, lambda r: r), key=lambda e: e[0].shape[0])
+    if limit is not None:  # an even spread over lengths, not the shortest ones
+        examples = examples[::max(1, len(examples) // limit)][:limit]
+    hyps, logits_all = [], []
     for start in range(0, len(examples), 32):
         batch = examples[start:start + 32]
         lengths = np.array([f.shape[0] for f, _ in batch], np.int32)
@@ -221,10 +228,58 @@ def evaluate_asr_groups(model_ref: str, features_url: str, config_hash: str, lab
         logits = model.predict({"features": feats, "lengths": lengths}, verbose=0)
         out_len = output_lengths(lengths, subsample)
         hyps += greedy_decode(logits, out_len)
-        refs += [row["text"] for _, row in batch]
         logits_all += [logits[i, :out_len[i]] for i in range(len(batch))]
-        lengths_all += list(out_len)
     rows = [row for _, row in examples]
+    return rows, [row["text"] for row in rows], hyps, logits_all
+
+
+def beam_decode(logits: list[np.ndarray], setting: dict, lms: dict, lexicon) -> list[str]:
+    from audiopipe.models.asr_ctc import beam_search_decode
+
+    return beam_search_decode(_pad(logits), np.array([a.shape[0] for a in logits]), beam_width=setting["beam_width"],
+                              lm=lms[setting["lm_order"]], lm_weight=setting["lm_weight"],
+                              insertion_bonus=setting["insertion_bonus"],
+                              lexicon=lexicon if setting["lexicon"] else None)
+
+
+def tune_beam(val_logits: list[np.ndarray], val_refs: list[str], lms: dict, lexicon, beam_width: int) -> dict:
+    """The beam-search setting with the lowest CER on validation utterances (never on the test split)."""
+    from audiopipe.models.metrics import cer
+
+    trials = []
+    for order in sorted(lms):
+        for use_lexicon in (False, True):
+            for weight in (0.3, 0.6, 1.0):
+                for bonus in (0.5, 1.5, 2.5):
+                    setting = {"beam_width": beam_width, "lm_order": order, "lm_weight": weight,
+                               "insertion_bonus": bonus, "lexicon": use_lexicon}
+                    trials.append((float(cer(val_refs, beam_decode(val_logits, setting, lms, lexicon))), setting))
+    best_cer, best = min(trials, key=lambda t: t[0])
+    return {**best, "val_cer": round(best_cer, 4), "trials": len(trials)}
+
+
+def evaluate_asr_groups(model_ref: str, features_url: str, config_hash: str, labels_url: str,
+                        beam_max: int, beam_width: int, val_utts: int = 200) -> dict:
+    """Load the registered model, decode the test split, and report CER/WER per voice group.
+
+    Greedy decoding for every test utterance. With ``beam_max`` > 0, also CTC prefix beam search with a
+    character n-gram LM and optionally the ``wamerican`` lexicon: the LM is fitted on the text source's
+    training-split sentences (``corpora_text.load_sentences()["train"]``: no test or validation sentence),
+    and the LM order, weight, insertion bonus and lexicon are chosen on ``val_utts`` validation utterances,
+    then applied unchanged to up to ``beam_max`` test utterances per group.
+    """
+    from audiopipe.infra.storage import StorageSpec
+    from audiopipe.models.asr_ctc import CharNgramLM, Lexicon
+    from audiopipe.models.data import open_shard_set
+    from audiopipe.models.metrics import cer, wer
+    from audiopipe.models.registry import Registry
+    from audiopipe.tasks.corpora_text import load_lexicon, load_sentences
+
+    started = time.monotonic()
+    model, card = Registry(str(DATA / "registry")).load(model_ref, DATA / "work" / "model-cache")
+    subsample = int(card.params["model_config"]["subsample"])
+    shards = open_shard_set(features_url, config_hash, labels_url, StorageSpec({}))
+    rows, refs, hyps, logits_all = asr_logits(model, subsample, shards, "test")
     groups: dict[str, list[int]] = {"all_test": list(range(len(rows)))}
     for i, row in enumerate(rows):
         for g in asr_group(row):
@@ -233,29 +288,39 @@ def evaluate_asr_groups(model_ref: str, features_url: str, config_hash: str, lab
     for g, idx in sorted(groups.items()):
         out["greedy"][g] = {"cer": float(cer([refs[i] for i in idx], [hyps[i] for i in idx])),
                             "wer": float(wer([refs[i] for i in idx], [hyps[i] for i in idx])), "n": len(idx)}
+    conditions: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        for c in asr_conditions(row):
+            conditions.setdefault(c, []).append(i)
+    out["greedy_by_condition"] = {c: {"cer": float(cer([refs[i] for i in idx], [hyps[i] for i in idx])),
+                                      "n": len(idx)} for c, idx in sorted(conditions.items())}
     for i in range(0, len(rows), max(1, len(rows) // 8))[:8]:
         out["examples"].append({"voice": rows[i]["voice"], "ref": refs[i], "hyp": hyps[i]})
     out["greedy_s"] = round(time.monotonic() - started, 1)
     if beam_max > 0:
         started = time.monotonic()
-        train_texts = [r["text"] for r in read_labels(labels_url) if r["split"] == "train" and r.get("text")]
-        lm = CharNgramLM.fit(train_texts, order=4)
+        lm_text = load_sentences()["train"]
+        lms = {order: CharNgramLM.fit(lm_text, order=order) for order in (4, 6)}
+        lexicon = Lexicon(load_lexicon())
+        _, val_refs, _, val_logits = asr_logits(model, subsample, shards, "val", limit=val_utts)
+        best = tune_beam(val_logits, val_refs, lms, lexicon, beam_width)
+        log(f"asr: beam setting chosen on {len(val_refs)} validation utterances: {best}")
         beam_hyps: dict[int, str] = {}
         out["beam"] = {}
         for g in ("held_out_voices", "training_voices_flite", "training_voices_espeak_ng"):
             idx = groups.get(g, [])[:beam_max]
             todo = [i for i in idx if i not in beam_hyps]
             if todo:
-                dec = beam_search_decode(_pad([logits_all[i] for i in todo]), np.array([lengths_all[i] for i in todo]),
-                                         beam_width=beam_width, lm=lm, lm_weight=0.5, insertion_bonus=1.0)
-                beam_hyps.update(zip(todo, dec))
+                beam_hyps.update(zip(todo, beam_decode([logits_all[i] for i in todo], best, lms, lexicon)))
             if idx:
                 out["beam"][g] = {
                     "cer": float(cer([refs[i] for i in idx], [beam_hyps[i] for i in idx])),
+                    "wer": float(wer([refs[i] for i in idx], [beam_hyps[i] for i in idx])),
                     "greedy_cer_same_rows": float(cer([refs[i] for i in idx], [hyps[i] for i in idx])),
                     "n": len(idx)}
-        out["beam_settings"] = {"lm": "char 4-gram, add-k 0.05, train transcripts", "lm_weight": 0.5,
-                                "insertion_bonus": 1.0, "beam_width": beam_width}
+        out["beam_settings"] = {**best, "lm": f"char {best['lm_order']}-gram, add-k 0.05, "
+                                f"{len(lm_text)} training-split sentences of the text source",
+                                "lexicon_words": len(lexicon.words) if best["lexicon"] else 0}
         out["beam_s"] = round(time.monotonic() - started, 1)
     return out
 
@@ -290,7 +355,7 @@ def run_asr(args, budget_s: float) -> dict:
     n = args.n or DEFAULT_N["asr"]
     meta = ensure_corpus("asr", n)
     features_url, config_hash, feat_s = ensure_features("asr", args.workers)
-    overrides = dict(ASR_OVERRIDES)
+    overrides = {**ASR_OVERRIDES, **json.loads(args.asr_overrides or "{}")}
     # Batch 32 trained at 1.37x the audio per second of batch 16 here (real batches, same model); the cosine
     # schedule spends the fixed budget of epochs at a decaying rate instead of waiting for plateaus.
     batch_size, lr = args.batch_size or 32, 2e-3
@@ -308,23 +373,40 @@ def run_asr(args, budget_s: float) -> dict:
     log(f"asr: flow metrics {result['metrics']}; evaluating per voice group")
     groups = evaluate_asr_groups(result["model_ref"], features_url, config_hash, meta["labels_url"],
                                  beam_max=args.beam, beam_width=8)
+    return {"metrics": asr_metrics(result["metrics"], groups), "targets": asr_targets(groups),
+            "details": {"groups": groups, "probe": probe, "model_overrides": overrides},
+            "corpus": {**meta, "audio_hours": corpus_audio_hours(meta["labels_url"])},
+            "training": training_info(spec, result, train_s, feat_s, budget_s)}
+
+
+def reevaluate_asr(args, previous: dict) -> dict:
+    """Decode the model of an earlier asr run again (new decoding settings), without training."""
+    features_url, config_hash, _ = ensure_features("asr", args.workers)
+    groups = evaluate_asr_groups(previous["training"]["model_ref"], features_url, config_hash,
+                                 previous["corpus"]["labels_url"], beam_max=args.beam, beam_width=8)
+    flow_metrics = {"cer": previous["metrics"]["cer_all_test"], "wer": previous["metrics"]["wer_all_test"]}
+    return {**previous, "metrics": asr_metrics(flow_metrics, groups), "targets": asr_targets(groups),
+            "details": {**previous["details"], "groups": groups}}
+
+
+def asr_metrics(flow_metrics: dict, groups: dict) -> dict:
+    return {"cer_all_test": flow_metrics["cer"], "wer_all_test": flow_metrics["wer"],
+            **{f"cer_{k}": v["cer"] for k, v in groups["greedy"].items()}}
+
+
+def asr_targets(groups: dict) -> list[dict]:
     g = groups["greedy"]
     held, flite = g["held_out_voices"]["cer"], g.get("training_voices_flite", {}).get("cer", float("nan"))
     targets = [target("cer_held_out_voices (greedy)", held, "<=", 0.05),
                target("cer_flite_unseen_sentences (greedy)", flite, "<=", 0.10)]
-    if "beam" in groups:
-        b = groups["beam"]
-        if "held_out_voices" in b:
-            targets.append(target(f"cer_held_out_voices (beam+LM, {b['held_out_voices']['n']} utts)",
-                                  b["held_out_voices"]["cer"], "<=", 0.05))
-        if "training_voices_flite" in b:
-            targets.append(target(f"cer_flite_unseen_sentences (beam+LM, {b['training_voices_flite']['n']} utts)",
-                                  b["training_voices_flite"]["cer"], "<=", 0.10))
-    return {"metrics": {"cer_all_test": result["metrics"]["cer"], "wer_all_test": result["metrics"]["wer"],
-                        **{f"cer_{k}": v["cer"] for k, v in g.items()}},
-            "targets": targets, "details": {"groups": groups, "probe": probe, "model_overrides": overrides},
-            "corpus": {**meta, "audio_hours": corpus_audio_hours(meta["labels_url"])},
-            "training": training_info(spec, result, train_s, feat_s, budget_s)}
+    b = groups.get("beam", {})
+    if "held_out_voices" in b:
+        targets.append(target(f"cer_held_out_voices (beam+LM, {b['held_out_voices']['n']} utts)",
+                              b["held_out_voices"]["cer"], "<=", 0.05))
+    if "training_voices_flite" in b:
+        targets.append(target(f"cer_flite_unseen_sentences (beam+LM, {b['training_voices_flite']['n']} utts)",
+                              b["training_voices_flite"]["cer"], "<=", 0.10))
+    return targets
 
 
 def run_trained_elsewhere(family: str, args, budget_s: float) -> dict:
@@ -473,7 +555,7 @@ def markdown(results: dict) -> str:
     m = results["machine"]
     lines = ["## Model quality", "",
              f"Measured by `benchmarks/quality.py` on {m['cores']} cores ({m['cpu']}, {m['memory_gb']} GB RAM, "
-             f"CPU only, shared with other work at nice 10), Python {m['python']}. Corpora come from "
+             f"CPU only; other work sometimes shared it, see the notes below), Python {m['python']}. Corpora come from "
              "`audiopipe synth` (seed 0), features are 16 kHz log-mel, 80 bands, 10 ms hop; each model trained "
              "through `train_model_flow` on one Dask worker. \"train min\" is the whole training flow "
              "(start-up, statistics pass, epochs, test pass, registration).", "",
@@ -496,17 +578,28 @@ def markdown(results: dict) -> str:
         if family == "asr":
             g = res["details"]["groups"]["greedy"]
             parts = ", ".join(f"{k} {v['cer']:.1%} (n={v['n']})" for k, v in g.items())
-            notes.append(f"- asr greedy CER by voice group: {parts}. Model: conv2d front end (subsample 4), "
-                         f"3×BiLSTM(192), SpecAugment; batch {tr['batch_size']}, lr {tr['learning_rate']} "
-                         f"({tr.get('lr_schedule', 'plateau')} schedule).")
+            mo = res["details"].get("model_overrides", {})
+            augment = "SpecAugment" if mo.get("spec_augment", "default") is not None else "no SpecAugment"
+            notes.append(f"- asr greedy CER by voice group: {parts}. Model: {mo.get('frontend', 'conv2d')} front end "
+                         f"(subsample {mo.get('subsample', 4)}), {mo.get('lstm_layers', 3)}×BiLSTM"
+                         f"({mo.get('lstm_units', 192)}), dropout {mo.get('dropout', 0.2)}, {augment}; batch "
+                         f"{tr['batch_size']}, lr {tr['learning_rate']} ({tr.get('lr_schedule', 'plateau')} schedule).")
             if res["details"].get("probe"):
                 p = res["details"]["probe"]
                 notes.append(f"- asr training cost (timing probe): {p['s_per_audio_hour']:.0f} s per hour of "
                              f"audio per epoch, ~{p['epoch_s_estimate'] / 60:.1f} min per epoch estimated "
                              "on this corpus.")
+            if "greedy_by_condition" in res["details"]["groups"]:
+                notes.append("- asr greedy CER by recording condition (test split): " + ", ".join(
+                    f"{k} {v['cer']:.1%} (n={v['n']})"
+                    for k, v in res["details"]["groups"]["greedy_by_condition"].items()) + ".")
             if "beam" in res["details"]["groups"]:
                 b = res["details"]["groups"]["beam"]
-                notes.append("- asr beam search (width 8, char 4-gram LM on training transcripts, weight 0.5): "
+                bs = res["details"]["groups"]["beam_settings"]
+                chosen = (f"{'wamerican lexicon' if bs['lexicon'] else 'no lexicon'}; chosen on validation "
+                          f"utterances, val CER {bs['val_cer']:.1%}") if "val_cer" in bs else "fixed setting"
+                notes.append(f"- asr beam search (width {bs['beam_width']}, {bs['lm']}, weight {bs['lm_weight']}, "
+                             f"insertion bonus {bs['insertion_bonus']}, {chosen}): "
                              + ", ".join(f"{k} {v['cer']:.1%} vs greedy {v['greedy_cer_same_rows']:.1%} "
                                          f"(n={v['n']})" for k, v in b.items()) + ".")
         if family == "music":
@@ -541,6 +634,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--beam", type=int, default=150,
                         help="asr: beam-search up to this many test utterances per voice group (0: greedy only)")
     parser.add_argument("--workers", type=int, default=2, help="Dask workers for featurize")
+    parser.add_argument("--asr-overrides", default=None,
+                        help='asr: JSON of CtcAsrConfig fields over the defaults, e.g. \'{"dropout": 0.0}\'')
+    parser.add_argument("--reevaluate", action="store_true",
+                        help="asr: decode the last run's registered model again (no training)")
     parser.add_argument("--report-only", action="store_true",
                         help="only print the table and rewrite results.md from results.json")
     args = parser.parse_args(argv)
@@ -555,7 +652,8 @@ def main(argv: list[str] | None = None) -> int:
         if family == "classify":
             res = run_classify(args, budget_s)
         elif family == "asr":
-            res = run_asr(args, budget_s)
+            res = reevaluate_asr(args, results["families"]["asr"]) if args.reevaluate \
+                else run_asr(args, budget_s)
         else:
             res = run_trained_elsewhere(family, args, budget_s)
         res["wall_min"] = round((time.monotonic() - started) / 60, 2)
