@@ -196,6 +196,7 @@ def train(
     lr_schedule: Annotated[str, typer.Option(help="plateau: halve the rate when validation loss stalls; cosine: "
                                              "decay it over --epochs (best for a fixed budget).")] = "plateau",
     seed: Annotated[int, typer.Option(help="Seed for weights, shuffling and dropout.")] = 0,
+    init_from: Annotated[str | None, typer.Option(help="Warm start (classify, asr): REGISTRY:NAME@VERSION whose weights and normalisation to start from.")] = None,
     gpu: Annotated[bool, typer.Option(help="Require a GPU worker (fails if none); mixed precision there.")] = False,
     name: Annotated[str | None, typer.Option(help="Registry model name (default: the family).")] = None,
     dask_address: Annotated[str | None, typer.Option(help="Existing Dask scheduler; a 1-worker local cluster otherwise.")] = None,
@@ -222,7 +223,7 @@ def train(
             config_hash = detect_config_hash(features, storage)
         spec = TrainSpec(family, features or "", labels, registry, config_hash or "",
                          epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                         lr_schedule=lr_schedule, require_gpu=gpu, model_name=name, work_dir=str(settings.work_dir))
+                         lr_schedule=lr_schedule, init_from=init_from, require_gpu=gpu, model_name=name, work_dir=str(settings.work_dir))
         result = train_model_flow(spec, settings, options)
     except AudiopipeError as exc:
         fail(str(exc))

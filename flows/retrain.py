@@ -69,7 +69,9 @@ def retrain_on_new_labels(labels_url: str, audio_url: str, features_url: str, mo
         higher_is_better: Needed only for a metric whose direction is not known.
         holdout_split: Rows of the held-out table to score.
         epochs: Maximum epochs (default: the champion's).
-        warm_start: Start from the champion's weights: not supported yet (raises ConfigError).
+        warm_start: Start the challenger from the champion's weights and normalisation (fine-tuning) instead
+            of from scratch. Needs the same classes (classify) and architecture; the first model (no
+            champion yet) is trained from scratch.
         family: ``classify`` or ``asr``, for the first model (no champion yet); default: the model name
             when it is one of those (``audiopipe train`` names models after their family).
         feature_config: ``FeatureConfig`` fields for the first model (later ones keep the champion's).
@@ -83,8 +85,8 @@ def retrain_on_new_labels(labels_url: str, audio_url: str, features_url: str, mo
     """
     logger = get_run_logger()
     req = check_request(model, margin=margin, metric=metric, higher_is_better=higher_is_better,
-                        holdout_split=holdout_split, epochs=epochs, warm_start=warm_start,
-                        train_params=train_params, storage_options=storage_options)
+                        holdout_split=holdout_split, epochs=epochs, train_params=train_params,
+                        storage_options=storage_options)
     run_settings = RunSettings(**(settings or {}))
     storage = merged_storage_spec(storage_options)
     registry = Registry(req.registry_url, storage)
@@ -110,12 +112,14 @@ def retrain_on_new_labels(labels_url: str, audio_url: str, features_url: str, mo
     summary = featurize(audio_url, features_url, feature_config=cfg, settings=run_settings,
                         storage_options=storage_options)
     open_shard_set(features_url, cfg.config_hash, holdout_labels_url, storage)  # held-out audio featurized?
+    champion_ref = f"{registry.url}:{req.name}@{champion}" if champion is not None else None
+    init = {"init_from": champion_ref} if warm_start and champion_ref else {}
     spec = challenger_spec(card, family, req.train_params, features_url=features_url, labels_url=merged_url,
                            registry_url=registry.url, config_hash=cfg.config_hash, model_name=req.name,
-                           work_dir=str(run_settings.work_dir))
+                           work_dir=str(run_settings.work_dir), **init)
+    logger.info("challenger starts from %s", f"the champion's weights ({champion_ref})" if init else "scratch")
     trained = train_model_flow(spec, run_settings.model_copy(update={"workers": 1}), storage_options)
     challenger = registry.resolve(trained["model_ref"])
-    champion_ref = f"{registry.url}:{req.name}@{champion}" if champion is not None else None
     cache = str(Path(run_settings.work_dir) / "models")
     scores = {ref: evaluate_on_holdout(ref, features_url, holdout_labels_url, storage, req.holdout_split, cache)
               for ref in (champion_ref, str(challenger)) if ref}

@@ -34,6 +34,7 @@ def retrain(
     higher_is_better: Annotated[bool | None, typer.Option("--higher-is-better/--lower-is-better", help="Direction of a metric other than accuracy, precision_*, recall_*, cer or wer.")] = None,
     holdout_split: Annotated[str, typer.Option(help="Rows of the held-out table to score.")] = "test",
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs. (default: the champion's)")] = None,
+    warm_start: Annotated[bool, typer.Option(help="Fine-tune the champion's weights instead of training from scratch (same classes and architecture).")] = False,
     family: Annotated[str | None, typer.Option(help="classify or asr: needed only for the first model.")] = None,
     feature_config: Annotated[str | None, typer.Option(help='First model only: feature config as JSON, e.g. \'{"n_mels": 40}\'.')] = None,
     train_params: Annotated[str | None, typer.Option(help='Training settings over the champion\'s, as JSON, e.g. \'{"batch_size": 8}\'.')] = None,
@@ -68,7 +69,7 @@ def retrain(
                       storage_options=options)
         result = retrain_on_new_labels(labels_url, audio, features, model, holdout, margin=margin, metric=metric,
                                        higher_is_better=higher_is_better, holdout_split=holdout_split,
-                                       epochs=epochs, family=family, storage_options=options,
+                                       epochs=epochs, warm_start=warm_start, family=family, storage_options=options,
                                        settings={**run, "work_dir": str(settings.work_dir)}, **parsed)
     except AudiopipeError as exc:
         fail(str(exc))

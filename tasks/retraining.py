@@ -53,13 +53,11 @@ class RetrainRequest:
 
 def check_request(model: str, *, margin: float = 0.0, metric: str | None = None,
                   higher_is_better: bool | None = None, holdout_split: str = "test", epochs: int | None = None,
-                  warm_start: bool = False, train_params: Mapping | None = None,
-                  storage_options: Mapping | None = None) -> RetrainRequest:
+                  train_params: Mapping | None = None, storage_options: Mapping | None = None) -> RetrainRequest:
     """Check everything that needs no storage (the CLI calls this before Prefect starts).
 
     Raises:
-        ConfigError: a bad model ref, margin, split, epochs or train parameter, secrets in storage options,
-            or ``warm_start`` (not supported yet).
+        ConfigError: a bad model ref, margin, split, epochs or train parameter, or secrets in storage options.
     """
     parsed = parse_model_ref(model, require_selector=False)
     if not parsed.registry_url or parsed.selector:
@@ -74,9 +72,6 @@ def check_request(model: str, *, margin: float = 0.0, metric: str | None = None,
         raise ConfigError(f"train_params has keys {sorted(unknown)}; allowed: {', '.join(TUNABLE)}.")
     if epochs is not None and epochs < 1:
         raise ConfigError(f"epochs must be >= 1 (got {epochs}).")
-    if warm_start:
-        raise ConfigError("warm_start is not supported yet: tasks/training.py builds every model from scratch "
-                          "(TrainSpec has no initial-weights field). Retrain with warm_start=false.")
     if secret_option_names(storage_options or {}):
         raise ConfigError(f"storage_options {sorted(secret_option_names(storage_options))} are credentials: flow "
                           "parameters are stored by Prefect, so pass them through the environment instead.")

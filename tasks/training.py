@@ -51,12 +51,22 @@ class TrainSpec:
     # "plateau": halve the rate when validation loss stalls. "cosine": decay from learning_rate to 2% of it
     # over `epochs` (one warm-up epoch at a third of it), for a fixed budget of epochs.
     lr_schedule: str = "plateau"
+    # Warm start (classify, asr): a registered model, REGISTRY:NAME@VERSION, whose weights and normalisation
+    # the model starts from. Its family, feature partition, classes or vocabulary and architecture must match.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ConfigError(f"unknown model family {self.family!r}; trainable here: {', '.join(FAMILIES)}.")
         if self.epochs < 1 or self.batch_size < 1 or not 0 < self.learning_rate < 1:
             raise ConfigError("epochs and batch_size must be >= 1 and learning_rate in (0, 1).")
+        if self.init_from is not None:
+            from audiopipe.models.cards import parse_model_ref
+
+            if self.family not in ("classify", "asr"):
+                raise ConfigError(f"init_from (warm start) is supported for classify and asr, not {self.family!r}.")
+            if not parse_model_ref(self.init_from).registry_url:
+                raise ConfigError(f"init_from {self.init_from!r} must name its registry: REGISTRY_URL:NAME@VERSION.")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}.")
 
@@ -160,6 +170,8 @@ def train_model(spec: TrainSpec, storage: StorageSpec) -> TrainResult:
     datasets = _datasets(spec, shards, target, target_spec)
     ckpt_dir = Path(spec.work_dir) / "checkpoints" / spec.run_key
     model, cfg, start_epoch = model_or_checkpoint(spec, ckpt_dir, shards.num_bins, vocab_or_classes)
+    if start_epoch == 0 and spec.init_from:
+        stats = warm_start(model, cfg, spec, storage, vocab_or_classes)
     if start_epoch == 0:
         set_feature_stats(model, np.asarray(stats.mean), np.asarray(stats.std))
     history = fit_with_checkpoints(spec, model, datasets, ckpt_dir, start_epoch)
@@ -192,6 +204,38 @@ def model_or_checkpoint(spec: TrainSpec, ckpt_dir: Path, num_bins: int, vocab_or
         log.info("resuming %s from its checkpoint after epoch %d", spec.run_key, epoch)
         return model, cfg, epoch
     return model, cfg, 0
+
+
+def warm_start(model, cfg, spec: TrainSpec, storage: StorageSpec, vocab_or_classes):
+    """Copy the weights of the registered model ``spec.init_from`` into ``model``; return its normalisation.
+
+    The copied weights were learned on inputs normalised with that model's statistics, so those are kept
+    (and registered with the new model) rather than recomputed on the new training split.
+
+    Raises:
+        ConfigError: the model is of another family, feature partition, class list / vocabulary or
+            architecture (its card's ``model_config``), so its weights cannot be reused.
+    """
+    from audiopipe.models.data import NormStats
+    from audiopipe.models.registry import Registry, parse_model_ref
+
+    ref = parse_model_ref(spec.init_from)
+    init, card = Registry(ref.registry_url, storage).load(ref, Path(spec.work_dir) / "model-cache")
+    theirs = card.classes if spec.family == "classify" else card.vocabulary
+    problems = [what for what, same in (
+        (f"family {card.model_family!r} vs {spec.family!r}", card.model_family == spec.family),
+        (f"feature partition {card.feature_config_hash!r} vs {spec.config_hash!r}",
+         card.feature_config_hash == spec.config_hash),
+        (f"classes/vocabulary {list(theirs)} vs {list(vocab_or_classes)}", tuple(theirs) == tuple(vocab_or_classes)),
+        ("architecture (model_config)", card.params.get("model_config") == cfg.to_dict()),
+    ) if not same]
+    if problems or card.normalization is None:
+        raise ConfigError(f"cannot warm start from {spec.init_from}: it differs in {'; '.join(problems) or 'nothing'}"
+                          f"{'' if card.normalization else ' and has no normalisation stats'}. "
+                          "Train from scratch (no init_from / warm_start=false) to change these.")
+    model.set_weights(init.get_weights())
+    log.info("warm start: weights and normalisation of %s", spec.init_from)
+    return NormStats(card.normalization.mean, card.normalization.std)
 
 
 def fit_with_checkpoints(spec: TrainSpec, model, datasets, ckpt_dir: Path, start_epoch: int) -> dict:

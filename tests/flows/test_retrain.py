@@ -121,6 +121,40 @@ def test_first_model_then_nothing_new_then_challenger_kept(tmp_path, prefect_api
 
 
 @pytest.mark.slow
+def test_warm_start_fine_tunes_the_champion_and_refuses_other_classes(tmp_path, prefect_api):
+    import numpy as np
+
+    work = tmp_path
+    make_holdout(work)
+    land(work, "batch-001", seed=1)
+    registry = Registry(str(work / "reg"))
+    assert retrain_on_new_labels(**params(work))["challenger_version"] == 1
+    table2 = land(work, "batch-002", seed=2)
+
+    # At a learning rate of 1e-9 no weight moves measurably in one epoch: the challenger still holds exactly
+    # what it started from, which must be the champion's weights and normalisation (not a fresh init).
+    still = {**TINY, "epochs": 1, "learning_rate": 1e-9}
+    second = retrain_on_new_labels(**{**params(work), "warm_start": True, "train_params": still})
+    assert second["challenger_version"] == 2
+    champion, champion_card = registry.load("sounds@1", work / "cache")
+    challenger, card = registry.load("sounds@2", work / "cache")
+    for a, b in zip(champion.get_weights(), challenger.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert card.params["spec"]["init_from"] == f"{registry.url}:sounds@1"
+    assert card.normalization == champion_card.normalization
+    assert second["decision"]["champion_version"] == 1  # judged against the existing champion
+
+    # A new class changes the output layer: the champion's weights cannot be reused, and the error says so.
+    relabelled = pq.read_table(table2.removeprefix("file://"))
+    labels = relabelled["label"].to_pylist()
+    labels[0] = "hiss"
+    pq.write_table(relabelled.set_column(relabelled.schema.get_field_index("label"), "label", pa.array(labels)),
+                   work / "labels" / "batch-003.parquet")
+    with pytest.raises(ConfigError, match="cannot warm start .*classes"):
+        retrain_on_new_labels(**{**params(work), "warm_start": True, "train_params": still})
+
+
+@pytest.mark.slow
 def test_bad_inputs_fail_before_training(tmp_path, prefect_api):
     work = tmp_path
     land(work, "batch-001", seed=1, n=8)
@@ -143,7 +177,7 @@ def test_bad_inputs_fail_before_training(tmp_path, prefect_api):
     ({"margin": -0.1}, "margin"),
     ({"holdout_split": "dev"}, "holdout split"),
     ({"train_params": {"labels_url": "x"}}, "allowed"),
-    ({"warm_start": True}, "warm_start is not supported"),
+    ({"epochs": 0}, "epochs must be"),
     ({"storage_options": {"secret": "x"}}, "credentials"),
 ])
 def test_request_checks(kwargs, needle):
