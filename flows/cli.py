@@ -242,6 +242,12 @@ def evaluate(
                                                   "set (same feature config). Not used by music and separate.")] = None,
     split: Annotated[str, typer.Option(help="Which split of the labels to score.")] = "test",
     show: Annotated[int, typer.Option(help="ASR: print this many reference/hypothesis transcripts.")] = 0,
+    beam_width: Annotated[int, typer.Option(help="ASR: CTC prefix beam search of this width (0: greedy).")] = 0,
+    lm_text: Annotated[str | None, typer.Option(help="ASR beam search: text file (a sentence per line) to fit a character LM on.")] = None,
+    lm_order: Annotated[int, typer.Option(help="ASR beam search: n of the character n-gram LM.")] = 6,
+    lm_weight: Annotated[float, typer.Option(help="ASR beam search: weight of the LM's log-probability.")] = 0.3,
+    insertion_bonus: Annotated[float, typer.Option(help="ASR beam search: bonus per character (offsets the LM's pull to short output).")] = 1.5,
+    lexicon: Annotated[str | None, typer.Option(help="ASR beam search: word list (words per line); output words must be in it.")] = None,
     storage_options: Annotated[str | None, typer.Option(help="fsspec/s3fs options as JSON.")] = None,
 ) -> None:
     """Recompute a registered model's metrics on any labelled set.
@@ -250,15 +256,21 @@ def evaluate(
     evaluate from --labels alone (the scores, or the mixtures and their stems that the table names).
     """
     from audiopipe.infra.storage import merged_storage_spec
-    from audiopipe.tasks.training import evaluate_registered
+    from audiopipe.tasks.training import beam_decoder, evaluate_registered
 
     try:
         options = cli_storage_options(storage_options)
         storage = merged_storage_spec(options)
-        result = evaluate_registered(model_ref, data, labels, storage, split=split)
+        if beam_width < 0 or ((lm_text or lexicon) and not beam_width):
+            raise ConfigError("--lm-text and --lexicon need --beam-width N (N >= 1); --beam-width 0 is greedy.")
+        decoder = beam_decoder(storage, beam_width=beam_width, lm_text_url=lm_text, lm_order=lm_order,
+                               lm_weight=lm_weight, insertion_bonus=insertion_bonus,
+                               lexicon_url=lexicon) if beam_width else None
+        result = evaluate_registered(model_ref, data, labels, storage, split=split, decoder=decoder)
     except AudiopipeError as exc:
         fail(str(exc))
-    table = Table(title=f"{result['model']} on {split}", show_header=False)
+    title = f"{result['model']} on {split}" + (f" ({decoder.describe()})" if decoder else "")
+    table = Table(title=title, show_header=False)
     for key, value in result["metrics"].items():
         table.add_row(key, f"{value:.4g}")
     Console().print(table)

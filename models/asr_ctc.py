@@ -24,7 +24,7 @@ from keras import ops
 
 from audiopipe.infra.errors import ConfigError
 from audiopipe.models.layers import (PACKAGE, BlankPadding, FeatureNormalization, FrameStack, LengthMask,
-                                     SequenceMask, SpecAugment, lstm, output_lengths)
+                                     SequenceMask, SpecAugment, lstm)
 
 DEFAULT_VOCAB = " 'abcdefghijklmnopqrstuvwxyz"
 BLANK = 0
@@ -323,6 +323,32 @@ def beam_search_decode(logits: np.ndarray, lengths: np.ndarray, *, beam_width: i
     return [_prefix_beam_search(lp[:int(n)], beam_width=beam_width, vocab=vocab, lm=lm, lm_weight=lm_weight,
                                 bonus=insertion_bonus, lexicon=lexicon)
             for lp, n in zip(log_probs, np.asarray(lengths))]
+
+
+@dataclass(frozen=True)
+class BeamDecoder:
+    """A configured ``beam_search_decode``: call it like ``greedy_decode`` (logits, lengths) -> texts.
+
+    The defaults are the setting ``benchmarks/quality.py`` chose on validation speech (char 6-gram LM
+    fitted on the text source's training sentences, weight 0.3, insertion bonus 1.5, no lexicon).
+    """
+
+    beam_width: int = 8
+    lm: CharNgramLM | None = None
+    lm_weight: float = 0.3
+    insertion_bonus: float = 1.5
+    lexicon: Lexicon | None = None
+    vocab: str = DEFAULT_VOCAB
+
+    def __call__(self, logits: np.ndarray, lengths: np.ndarray) -> list[str]:
+        return beam_search_decode(logits, lengths, beam_width=self.beam_width, vocab=self.vocab, lm=self.lm,
+                                  lm_weight=self.lm_weight, insertion_bonus=self.insertion_bonus,
+                                  lexicon=self.lexicon)
+
+    def describe(self) -> str:
+        lm = f"char {self.lm.order}-gram LM x{self.lm_weight}" if self.lm else "no LM"
+        return (f"beam {self.beam_width}, {lm}, insertion bonus {self.insertion_bonus}, "
+                f"{f'lexicon of {len(self.lexicon.words)} words' if self.lexicon else 'no lexicon'}")
 
 
 def _allowed(prefix: str, lexicon: Lexicon | None, *, final: bool = False) -> bool:

@@ -118,8 +118,11 @@ def _build(spec: TrainSpec, num_bins: int, vocab_or_classes):
     return model, cfg
 
 
-def _evaluate(spec: TrainSpec, model, datasets, vocab_or_classes) -> tuple[dict, dict]:
-    """Test-split metrics, plus arrays for the report (confusion matrix or transcripts)."""
+def _evaluate(spec: TrainSpec, model, datasets, vocab_or_classes, decoder=None) -> tuple[dict, dict]:
+    """Test-split metrics, plus arrays for the report (confusion matrix or transcripts).
+
+    ``decoder`` (asr): ``(logits, lengths) -> texts``, e.g. a ``BeamDecoder``; greedy when None.
+    """
     if spec.family == "classify":
         from audiopipe.models.classifier import accuracy, confusion_matrix, precision_recall
 
@@ -137,10 +140,11 @@ def _evaluate(spec: TrainSpec, model, datasets, vocab_or_classes) -> tuple[dict,
     from audiopipe.models.asr_ctc import decode_ids, greedy_decode
     from audiopipe.models.metrics import cer, wer
 
+    decode = decoder or greedy_decode
     refs, hyps = [], []
     for x, y in datasets["test"]:
         logits = model.predict(x, verbose=0)
-        hyps += greedy_decode(logits, x["lengths"].numpy())
+        hyps += decode(logits, x["lengths"].numpy())
         refs += [decode_ids(row[row > 0]) for row in y.numpy()]
     return {"cer": float(cer(refs, hyps)), "wer": float(wer(refs, hyps)), "num_test": len(refs)}, \
         {"transcripts": list(zip(refs, hyps))[:20]}
@@ -379,14 +383,53 @@ def write_training_report(out: Path, spec: TrainSpec, history: dict, metrics: di
     return out / "index.html"
 
 
+def beam_decoder(storage: StorageSpec, *, beam_width: int = 8, lm_text_url: str | None = None, lm_order: int = 6,
+                 lm_weight: float = 0.3, insertion_bonus: float = 1.5, lexicon_url: str | None = None):
+    """A ``BeamDecoder`` whose character LM is fitted on a text file (one sentence per line, lowercased;
+    lines with characters outside the model vocabulary are skipped) and whose lexicon is a word list.
+
+    Raises:
+        ConfigError: a file cannot be read, or holds no usable sentence or word.
+    """
+    from audiopipe.infra.storage import open_fs
+    from audiopipe.models.asr_ctc import DEFAULT_VOCAB, BeamDecoder, CharNgramLM, Lexicon
+
+    def lines(url: str) -> list[str]:
+        fs, path = open_fs(url, storage)
+        try:
+            text = fs.cat_file(path).decode("utf-8", errors="replace")
+        except FileNotFoundError as exc:
+            raise ConfigError(f"cannot read {url}: no such file") from exc
+        allowed = set(DEFAULT_VOCAB)
+        kept = [" ".join(line.lower().split()) for line in text.splitlines()]
+        return [line for line in kept if line and set(line) <= allowed]
+
+    lm = lexicon = None
+    if lm_text_url:
+        sentences = lines(lm_text_url)
+        if not sentences:
+            raise ConfigError(f"{lm_text_url} has no line made only of {DEFAULT_VOCAB!r}: nothing to fit an LM on.")
+        lm = CharNgramLM.fit(sentences, order=lm_order)
+        log.info("char %d-gram LM fitted on %d sentences of %s", lm_order, len(sentences), lm_text_url)
+    if lexicon_url:
+        words = {w for line in lines(lexicon_url) for w in line.split(" ")}
+        if not words:
+            raise ConfigError(f"{lexicon_url} holds no word made of {DEFAULT_VOCAB!r}.")
+        lexicon = Lexicon(words)
+    return BeamDecoder(beam_width=beam_width, lm=lm, lm_weight=lm_weight, insertion_bonus=insertion_bonus,
+                       lexicon=lexicon)
+
+
 def evaluate_registered(model_ref: str, features_url: str | None, labels_url: str, storage: StorageSpec, *,
-                        split: str = "test", cache_dir: str = ".audiopipe/models", batch_size: int = 16) -> dict:
+                        split: str = "test", cache_dir: str = ".audiopipe/models", batch_size: int = 16,
+                        decoder=None) -> dict:
     """Recompute a registered model's metrics on any labelled set -> ``{model, split, metrics, transcripts}``.
 
     classify/asr read the featurized set at ``features_url``: the card's classes (or vocabulary) and feature
     config hash decide how labels and shards are read; the model carries its own normalisation statistics.
     music and separate read only ``labels_url`` (scores, or mixtures and their stems; ``features_url`` is
     ignored) through ``evaluate_music`` and ``evaluate_separated``; their ``transcripts`` are empty.
+    ``decoder`` (asr only) replaces greedy decoding, e.g. ``models.asr_ctc.BeamDecoder``.
 
     Raises:
         ConfigError: an unknown family, classify/asr without ``features_url``, labels with classes the model
@@ -427,5 +470,7 @@ def evaluate_registered(model_ref: str, features_url: str | None, labels_url: st
 
     test = to_dataset(lambda: iter_examples(shards, split, target), shards.num_bins, batch_size=batch_size,
                       target_spec=target_spec)
-    metrics, extras = _evaluate(spec, model, {"test": test}, known)
+    if decoder is not None and card.model_family != "asr":
+        raise ConfigError(f"a beam-search decoder applies to asr models; {ref} is {card.model_family!r}.")
+    metrics, extras = _evaluate(spec, model, {"test": test}, known, decoder)
     return {"model": str(ref), "split": split, "metrics": metrics, "transcripts": extras.get("transcripts", [])}

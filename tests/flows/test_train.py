@@ -68,6 +68,21 @@ def test_classifier_trains_registers_and_resumes(sounds, tmp_path, prefect_api, 
     with pytest.raises(ConfigError, match="kazoo"):
         evaluate_registered(first["model_ref"], str(tmp_path / "feat"), str(tmp_path / "kazoo.parquet"),
                             StorageSpec(), cache_dir=str(tmp_path / "cache2"))
+    # a beam-search decoder is for asr models; the CLI says which options go together
+    from audiopipe.models.asr_ctc import BeamDecoder
+
+    with pytest.raises(ConfigError, match="applies to asr models"):
+        evaluate_registered(first["model_ref"], str(tmp_path / "feat"), str(sounds / "corpus" / "labels" /
+                            "labels.parquet"), StorageSpec(), cache_dir=str(tmp_path / "cache2"), decoder=BeamDecoder())
+    from typer.testing import CliRunner
+
+    from audiopipe.flows.cli import app
+
+    base = ["evaluate", first["model_ref"], "--data", str(tmp_path / "feat"),
+            "--labels", str(sounds / "corpus" / "labels" / "labels.parquet")]
+    for extra, needle in ((["--lm-text", "x.txt"], "need --beam-width"), (["--beam-width", "4"], "applies to asr")):
+        result = CliRunner().invoke(app, base + extra, env={"COLUMNS": "200", "NO_COLOR": "1"})
+        assert result.exit_code == 2 and needle in " ".join(result.output.split()), result.output
     featurize(str(sounds / "corpus" / "audio"), str(tmp_path / "feat"), settings=settings,
               feature_config=_cfg().__class__(segment_seconds=10.0, n_mels=40))
     with pytest.raises(ConfigError, match="no committed feature shards"):

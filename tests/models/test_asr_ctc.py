@@ -201,3 +201,27 @@ def test_cer_and_wer_by_hand():
     assert [c.kind for c in char_alignment("cat", "cut")] == ["equal", "substitute", "equal"]
     with pytest.raises(ConfigError):
         cer(["a"], ["a", "b"])
+
+
+def test_beam_decoder_from_files_fits_its_lm_and_lexicon_and_skips_unusable_lines(tmp_path):
+    from audiopipe.infra.storage import StorageSpec
+    from audiopipe.tasks.training import beam_decoder
+
+    (tmp_path / "lm.txt").write_text("The  cat sat\nthe cat!\n\na cat\ncats\n")  # "the cat!" has a '!': skipped
+    (tmp_path / "words.txt").write_text("cat a\ndog\n")
+    logits = _probs([{"c": .9}, {"o": .5, "a": .4}, {"t": .9}, {" ": .9}, {"o": .6, "a": .3}])
+    plain = beam_decoder(StorageSpec(), beam_width=8, insertion_bonus=0.0)
+    assert plain(logits, np.array([5])) == ["cot o"] and plain.lm is None
+    with_lm = beam_decoder(StorageSpec(), beam_width=8, lm_text_url=f"file://{tmp_path}/lm.txt", lm_order=3,
+                           lm_weight=1.0, insertion_bonus=0.0)
+    assert with_lm.lm.order == 3 and sum(with_lm.lm.counts.get("\x02\x02", {}).values()) == 3  # 3 sentences kept
+    assert with_lm(logits[:, :3], np.array([3])) == ["cat"]
+    with_words = beam_decoder(StorageSpec(), beam_width=8, lexicon_url=str(tmp_path / "words.txt"),
+                              insertion_bonus=0.0)
+    assert with_words(logits, np.array([5])) == ["cat a"]
+    assert "lexicon of 3 words" in with_words.describe()
+    (tmp_path / "bad.txt").write_text("ÀÉÎ!\n")
+    with pytest.raises(ConfigError, match="nothing to fit an LM on"):
+        beam_decoder(StorageSpec(), lm_text_url=str(tmp_path / "bad.txt"))
+    with pytest.raises(ConfigError, match="no such file"):
+        beam_decoder(StorageSpec(), lexicon_url=str(tmp_path / "missing.txt"))
