@@ -234,12 +234,12 @@ def asr_logits(model, subsample: int, shards, split: str, limit: int | None = No
 
 
 def beam_decode(logits: list[np.ndarray], setting: dict, lms: dict, lexicon) -> list[str]:
-    from audiopipe.models.asr_ctc import beam_search_decode
+    from audiopipe.models.asr_ctc import BeamDecoder
 
-    return beam_search_decode(_pad(logits), np.array([a.shape[0] for a in logits]), beam_width=setting["beam_width"],
-                              lm=lms[setting["lm_order"]], lm_weight=setting["lm_weight"],
-                              insertion_bonus=setting["insertion_bonus"],
-                              lexicon=lexicon if setting["lexicon"] else None)
+    decoder = BeamDecoder(beam_width=setting["beam_width"], lm=lms[setting["lm_order"]],
+                          lm_weight=setting["lm_weight"], insertion_bonus=setting["insertion_bonus"],
+                          lexicon=lexicon if setting["lexicon"] else None)
+    return decoder(_pad(logits), np.array([a.shape[0] for a in logits]))
 
 
 def tune_beam(val_logits: list[np.ndarray], val_refs: list[str], lms: dict, lexicon, beam_width: int) -> dict:

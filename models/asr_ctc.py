@@ -329,8 +329,9 @@ def beam_search_decode(logits: np.ndarray, lengths: np.ndarray, *, beam_width: i
 class BeamDecoder:
     """A configured ``beam_search_decode``: call it like ``greedy_decode`` (logits, lengths) -> texts.
 
-    The defaults are the setting ``benchmarks/quality.py`` chose on validation speech (char 6-gram LM
-    fitted on the text source's training sentences, weight 0.3, insertion bonus 1.5, no lexicon).
+    The defaults are the setting ``benchmarks/quality.py`` chose on validation speech for its best model
+    (see docs/benchmarks.md: char 6-gram LM fitted on the text source's training sentences, weight 0.3,
+    insertion bonus 1.5, no lexicon); tune them on your own validation set.
     """
 
     beam_width: int = 8
