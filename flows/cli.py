@@ -256,7 +256,7 @@ def evaluate(
     evaluate from --labels alone (the scores, or the mixtures and their stems that the table names).
     """
     from audiopipe.infra.storage import merged_storage_spec
-    from audiopipe.tasks.training import beam_decoder, evaluate_registered
+    from audiopipe.tasks.evaluation import beam_decoder, evaluate_registered
 
     try:
         options = cli_storage_options(storage_options)

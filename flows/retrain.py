@@ -33,12 +33,12 @@ from audiopipe.infra.settings import RunSettings
 from audiopipe.infra.storage import StorageSpec, join, merged_storage_spec
 from audiopipe.models.data import open_shard_set
 from audiopipe.models.registry import CHAMPION, ModelCard, Registry
+from audiopipe.tasks.evaluation import evaluate_registered
 from audiopipe.tasks.features import FeatureConfig
 from audiopipe.tasks.retraining import (DEFAULT_METRIC, RETRAIN_DIR, STATE_FILE, RetrainRequest, challenger_spec,
                                         check_holdout, check_request, decision_markdown, diff_tables, inputs_key,
                                         list_label_tables, load_labels, merge_labels, metric_rule, read_state,
                                         write_bytes, write_state)
-from audiopipe.tasks.training import evaluate_registered
 
 
 @task(name="evaluate-on-holdout", cache_policy=NO_CACHE)

@@ -23,7 +23,7 @@ from audiopipe.infra.storage import StorageSpec
 log = logging.getLogger(__name__)
 FAMILIES = ("classify", "asr", "music", "separate")
 LR_SCHEDULES = ("plateau", "cosine")
-# Batches are grouped by length at these frame counts: 20% apart from 1 s to ~30 s, so a batch pads its rows
+# Batches are grouped by length at these frame counts: 20% apart from 1 s to ~27 s, so a batch pads its rows
 # by at most ~20%. On the speech corpus (median 2.7 s) the earlier (200, 400, 800, 1600) edges padded to 77%
 # useful frames and trained at 76x real time; these pad to 92% and train at 94x (same model, batch 16).
 BUCKET_EDGES = tuple(int(round(100 * 1.2**i)) for i in range(19))
@@ -87,7 +87,7 @@ class TrainResult:
     report_dir: str
 
 
-def _targets(spec: TrainSpec, labels: dict[str, dict]):
+def targets_for(spec: TrainSpec, labels: dict[str, dict]):
     """(target function, tf spec, classes or vocab) for the family."""
     import tensorflow as tf
 
@@ -118,7 +118,7 @@ def _build(spec: TrainSpec, num_bins: int, vocab_or_classes):
     return model, cfg
 
 
-def _evaluate(spec: TrainSpec, model, datasets, vocab_or_classes, decoder=None) -> tuple[dict, dict]:
+def score_split(spec: TrainSpec, model, datasets, vocab_or_classes, decoder=None) -> tuple[dict, dict]:
     """Test-split metrics, plus arrays for the report (confusion matrix or transcripts).
 
     ``decoder`` (asr): ``(logits, lengths) -> texts``, e.g. a ``BeamDecoder``; greedy when None.
@@ -169,7 +169,7 @@ def train_model(spec: TrainSpec, storage: StorageSpec) -> TrainResult:
     device = select_device(spec.require_gpu)
     keras.utils.set_random_seed(spec.seed)
     shards = open_shard_set(spec.features_url, spec.config_hash, spec.labels_url, storage)
-    target, target_spec, vocab_or_classes = _targets(spec, shards.labels)
+    target, target_spec, vocab_or_classes = targets_for(spec, shards.labels)
     stats = norm_stats(shards, "train")
     datasets = _datasets(spec, shards, target, target_spec)
     ckpt_dir = Path(spec.work_dir) / "checkpoints" / spec.run_key
@@ -179,7 +179,7 @@ def train_model(spec: TrainSpec, storage: StorageSpec) -> TrainResult:
     if start_epoch == 0:
         set_feature_stats(model, np.asarray(stats.mean), np.asarray(stats.std))
     history = fit_with_checkpoints(spec, model, datasets, ckpt_dir, start_epoch)
-    metrics, extras = _evaluate(spec, model, datasets, vocab_or_classes)
+    metrics, extras = score_split(spec, model, datasets, vocab_or_classes)
     report = Path(spec.work_dir) / "reports" / spec.run_key
     write_training_report(report, spec, history, metrics, extras, vocab_or_classes)
     ref = register_model(spec, storage, model, cfg, shards, stats, vocab_or_classes, metrics, history)
@@ -233,9 +233,10 @@ def warm_start(model, cfg, spec: TrainSpec, storage: StorageSpec, vocab_or_class
         (f"classes/vocabulary {list(theirs)} vs {list(vocab_or_classes)}", tuple(theirs) == tuple(vocab_or_classes)),
         ("architecture (model_config)", card.params.get("model_config") == cfg.to_dict()),
     ) if not same]
-    if problems or card.normalization is None:
-        raise ConfigError(f"cannot warm start from {spec.init_from}: it differs in {'; '.join(problems) or 'nothing'}"
-                          f"{'' if card.normalization else ' and has no normalisation stats'}. "
+    if card.normalization is None:
+        problems.append("normalisation (it has no statistics)")
+    if problems:
+        raise ConfigError(f"cannot warm start from {spec.init_from}: it differs in {'; '.join(problems)}. "
                           "Train from scratch (no init_from / warm_start=false) to change these.")
     model.set_weights(init.get_weights())
     log.info("warm start: weights and normalisation of %s", spec.init_from)
@@ -381,96 +382,3 @@ def write_training_report(out: Path, spec: TrainSpec, history: dict, metrics: di
     (out / "index.html").write_text(f"<!doctype html><meta charset='utf-8'><h1>{spec.family}</h1>"
                                     f"<table>{rows}</table>{body}", encoding="utf-8")
     return out / "index.html"
-
-
-def beam_decoder(storage: StorageSpec, *, beam_width: int = 8, lm_text_url: str | None = None, lm_order: int = 6,
-                 lm_weight: float = 0.3, insertion_bonus: float = 1.5, lexicon_url: str | None = None):
-    """A ``BeamDecoder`` whose character LM is fitted on a text file (one sentence per line, lowercased;
-    lines with characters outside the model vocabulary are skipped) and whose lexicon is a word list.
-
-    Raises:
-        ConfigError: a file cannot be read, or holds no usable sentence or word.
-    """
-    from audiopipe.infra.storage import open_fs
-    from audiopipe.models.asr_ctc import DEFAULT_VOCAB, BeamDecoder, CharNgramLM, Lexicon
-
-    def lines(url: str) -> list[str]:
-        fs, path = open_fs(url, storage)
-        try:
-            text = fs.cat_file(path).decode("utf-8", errors="replace")
-        except FileNotFoundError as exc:
-            raise ConfigError(f"cannot read {url}: no such file") from exc
-        allowed = set(DEFAULT_VOCAB)
-        kept = [" ".join(line.lower().split()) for line in text.splitlines()]
-        return [line for line in kept if line and set(line) <= allowed]
-
-    lm = lexicon = None
-    if lm_text_url:
-        sentences = lines(lm_text_url)
-        if not sentences:
-            raise ConfigError(f"{lm_text_url} has no line made only of {DEFAULT_VOCAB!r}: nothing to fit an LM on.")
-        lm = CharNgramLM.fit(sentences, order=lm_order)
-        log.info("char %d-gram LM fitted on %d sentences of %s", lm_order, len(sentences), lm_text_url)
-    if lexicon_url:
-        words = {w for line in lines(lexicon_url) for w in line.split(" ")}
-        if not words:
-            raise ConfigError(f"{lexicon_url} holds no word made of {DEFAULT_VOCAB!r}.")
-        lexicon = Lexicon(words)
-    return BeamDecoder(beam_width=beam_width, lm=lm, lm_weight=lm_weight, insertion_bonus=insertion_bonus,
-                       lexicon=lexicon)
-
-
-def evaluate_registered(model_ref: str, features_url: str | None, labels_url: str, storage: StorageSpec, *,
-                        split: str = "test", cache_dir: str = ".audiopipe/models", batch_size: int = 16,
-                        decoder=None) -> dict:
-    """Recompute a registered model's metrics on any labelled set -> ``{model, split, metrics, transcripts}``.
-
-    classify/asr read the featurized set at ``features_url``: the card's classes (or vocabulary) and feature
-    config hash decide how labels and shards are read; the model carries its own normalisation statistics.
-    music and separate read only ``labels_url`` (scores, or mixtures and their stems; ``features_url`` is
-    ignored) through ``evaluate_music`` and ``evaluate_separated``; their ``transcripts`` are empty.
-    ``decoder`` (asr only) replaces greedy decoding, e.g. ``models.asr_ctc.BeamDecoder``.
-
-    Raises:
-        ConfigError: an unknown family, classify/asr without ``features_url``, labels with classes the model
-            lacks, or a split the labels do not have (music, separate).
-    """
-    from audiopipe.models.data import open_shard_set
-    from audiopipe.models.registry import open_model_ref
-
-    registry, ref = open_model_ref(model_ref, storage)
-    family = registry.get_card(ref).model_family  # fail on a missing --data before fetching the model
-    if family in ("classify", "asr") and not features_url:
-        raise ConfigError(f"{ref} is a {family} model: evaluating it needs the featurized labelled set "
-                          "(--data, the featurize output root with the model's feature config) as well as its "
-                          "labels. Only music and separate models evaluate from the labels alone.")
-    model, card = registry.load(ref, Path(cache_dir))
-    if card.model_family in ("music", "separate"):  # they read scores or audio named by the labels, no shards
-        from audiopipe.tasks.train_music import evaluate_music
-        from audiopipe.tasks.train_separation import evaluate_separated
-
-        evaluate = evaluate_music if card.model_family == "music" else evaluate_separated
-        metrics = evaluate(model, card, labels_url, storage, split)
-        return {"model": str(ref), "split": split, "metrics": metrics, "transcripts": []}
-    if card.model_family not in ("classify", "asr"):
-        raise ConfigError(f"evaluate supports classify, asr, music and separate models, "
-                          f"not {card.model_family!r}.")
-    shards = open_shard_set(features_url, card.feature_config_hash, labels_url, storage)
-    spec = TrainSpec(card.model_family, features_url, labels_url, registry.url, card.feature_config_hash,
-                     batch_size=batch_size)
-    target, target_spec, found = _targets(spec, shards.labels)
-    known = list(card.classes) if card.model_family == "classify" else card.vocabulary
-    if card.model_family == "classify":
-        unknown = set(found) - set(known)
-        if unknown:
-            raise ConfigError(f"labels have classes {sorted(unknown)} that {ref} was not trained on.")
-        index = {c: i for i, c in enumerate(known)}
-        target = lambda row: np.int32(index[row["label"]])  # noqa: E731 - the card's class order
-    from audiopipe.models.data import iter_examples, to_dataset
-
-    test = to_dataset(lambda: iter_examples(shards, split, target), shards.num_bins, batch_size=batch_size,
-                      target_spec=target_spec)
-    if decoder is not None and card.model_family != "asr":
-        raise ConfigError(f"a beam-search decoder applies to asr models; {ref} is {card.model_family!r}.")
-    metrics, extras = _evaluate(spec, model, {"test": test}, known, decoder)
-    return {"model": str(ref), "split": split, "metrics": metrics, "transcripts": extras.get("transcripts", [])}

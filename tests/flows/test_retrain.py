@@ -21,8 +21,8 @@ from audiopipe.flows.synth import synth
 from audiopipe.infra.errors import AudiopipeError, ConfigError
 from audiopipe.infra.storage import StorageSpec
 from audiopipe.models.registry import Registry
+from audiopipe.tasks.evaluation import evaluate_registered
 from audiopipe.tasks.retraining import check_request, decision_markdown, diff_tables, merge_labels, metric_rule
-from audiopipe.tasks.training import evaluate_registered
 
 TINY = {"epochs": 2, "batch_size": 8, "model_overrides": {"conv_channels": [16], "lstm_units": 16}}
 

@@ -20,8 +20,9 @@ from audiopipe.infra.errors import ConfigError
 from audiopipe.infra.settings import RunSettings
 from audiopipe.infra.storage import StorageSpec
 from audiopipe.models.registry import Registry
+from audiopipe.tasks.evaluation import evaluate_registered
 from audiopipe.tasks.features import FeatureConfig
-from audiopipe.tasks.training import TrainSpec, evaluate_registered
+from audiopipe.tasks.training import TrainSpec
 
 pytestmark = [pytest.mark.slow]
 

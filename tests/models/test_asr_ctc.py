@@ -205,7 +205,7 @@ def test_cer_and_wer_by_hand():
 
 def test_beam_decoder_from_files_fits_its_lm_and_lexicon_and_skips_unusable_lines(tmp_path):
     from audiopipe.infra.storage import StorageSpec
-    from audiopipe.tasks.training import beam_decoder
+    from audiopipe.tasks.evaluation import beam_decoder
 
     (tmp_path / "lm.txt").write_text("The  cat sat\nthe cat!\n\na cat\ncats\n")  # "the cat!" has a '!': skipped
     (tmp_path / "words.txt").write_text("cat a\ndog\n")

@@ -20,8 +20,9 @@ from audiopipe.infra.errors import ConfigError
 from audiopipe.infra.storage import StorageSpec
 from audiopipe.models.registry import Registry
 from audiopipe.tasks.corpora_music import SOUNDFONT
+from audiopipe.tasks.evaluation import evaluate_registered
 from audiopipe.tasks.train_music import MusicVocab, train_music
-from audiopipe.tasks.training import TrainSpec, evaluate_registered
+from audiopipe.tasks.training import TrainSpec
 
 TINY = {"embed_dim": 4, "lstm_units": 16, "dropout": 0.0, "window": 32}
 

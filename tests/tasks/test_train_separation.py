@@ -90,7 +90,7 @@ def test_trains_registers_reports_and_resumes(mixtures, trained):
 
 def test_evaluate_registered_reproduces_the_card_and_names_a_missing_split(mixtures, trained, tmp_path):
     from audiopipe.models.registry import Registry
-    from audiopipe.tasks.training import evaluate_registered
+    from audiopipe.tasks.evaluation import evaluate_registered
 
     spec, _, _ = trained
     ref, cache = f"{spec.registry_url}:separate@1", str(tmp_path / "cache")
