@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -23,11 +24,36 @@ from pathlib import Path
 from audiopipe.infra.errors import ConfigError, StorageError
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
+# `weed mini` serves gRPC on each of its HTTP ports + 10000, and refuses to start when a derived port is
+# taken or is one of its other ports (seen in CI: "port 53149 for Master ... is reserved for gRPC
+# calculation"). Ports are therefore drawn from 20000-29999, below Linux's ephemeral range (32768+): a
+# derived port (30000-39999) can never be a drawn one, and both are checked free.
+GRPC_PORT_OFFSET = 10000
+PORT_RANGE = (20000, 30000)
+_handed_out: set[int] = set()
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now, with its SeaweedFS gRPC twin (+10000) free too.
+
+    Never the same port twice in one process. Raises StorageError when 200 random tries find none.
+    """
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(*PORT_RANGE)
+        if port not in _handed_out and _bindable(port) and _bindable(port + GRPC_PORT_OFFSET):
+            _handed_out.add(port)
+            return port
+    raise StorageError(f"no free port pair (p, p + {GRPC_PORT_OFFSET}) found in {PORT_RANGE} on 127.0.0.1.")
 
 
 def weed_binary() -> str:
