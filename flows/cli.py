@@ -44,6 +44,37 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+INTERRUPT_GRACE_S = 20.0
+
+
+def exit_promptly_on_interrupt(grace_s: float = INTERRUPT_GRACE_S) -> None:
+    """Make Ctrl-C stop a run within ``grace_s`` seconds, however its threads are stuck.
+
+    The first SIGINT raises KeyboardInterrupt as usual, so the flow unwinds and reports; it also starts a
+    timer that ends the process with status 130 if the unwinding is not done after ``grace_s`` (seen in
+    CI: shard threads left waiting on a closed Dask client kept a Ctrl-C'd run alive). A second Ctrl-C
+    exits at once. Nothing is lost by a hard exit: a shard only counts once its manifest part is
+    committed, so the next run redoes exactly the uncommitted shards, as after a SIGKILL.
+    """
+    import signal
+    import threading
+
+    def hard_exit() -> None:
+        sys.stderr.write("\ninterrupted: exiting without waiting for the run to wind down\n")
+        sys.stderr.flush()
+        os._exit(130)
+
+    def on_sigint(signum, frame) -> None:
+        timer = threading.Timer(grace_s, hard_exit)
+        timer.daemon = True
+        timer.start()
+        signal.signal(signal.SIGINT, lambda *_: hard_exit())
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        signal.signal(signal.SIGINT, on_sigint)
+
+
 def load_config_file(path: Path) -> dict[str, Any]:
     """Read a TOML or YAML file whose keys are the featurize options (dashes or underscores)."""
     try:
@@ -108,6 +139,7 @@ def featurize(
     same command runs again. Every input is accounted for in OUT_URL/manifest (ok or rejected, with why).
     """
     given = {k: v for k, v in locals().items() if v is not None and k in _FEATURE_KEYS | _RUN_KEYS | _OTHER_KEYS}
+    exit_promptly_on_interrupt()
     try:
         summary = _featurize(in_url, out_url, given, config, progress)
     except AudiopipeError as exc:
@@ -206,6 +238,7 @@ def train(
 
     Rerunning the same command resumes from the last epoch checkpoint of a killed run.
     """
+    exit_promptly_on_interrupt()
     try:
         from audiopipe.infra.storage import merged_storage_spec
 

@@ -69,9 +69,10 @@ def print_summary(summary: dict) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add the three inference commands to ``app``."""
-    from audiopipe.flows.cli import fail
+    from audiopipe.flows.cli import exit_promptly_on_interrupt, fail
 
     def _run(task_name: str, in_url: str, out_url: str, model: str, common: dict, **kwargs) -> None:
+        exit_promptly_on_interrupt()
         try:
             summary = run(task_name, in_url, out_url, model, **common, **kwargs)
         except AudiopipeError as exc:

@@ -48,9 +48,10 @@ def retrain(
     featurized, a challenger is trained on all tables with the champion's settings, both are scored on the
     held-out table and the decision is recorded in the registry (`audiopipe models show NAME`).
     """
-    from audiopipe.flows.cli import cli_storage_options, fail
+    from audiopipe.flows.cli import cli_storage_options, exit_promptly_on_interrupt, fail
     from audiopipe.infra.settings import RunSettings, apply_prefect_defaults
 
+    exit_promptly_on_interrupt()
     run = {k: v for k, v in (("workers", workers), ("dask_address", dask_address)) if v is not None}
     try:
         settings = RunSettings(**run)

@@ -7,8 +7,10 @@ secret must never appear in any output, report, output object or the Prefect dat
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -131,3 +133,29 @@ def test_config_file_and_duckdb_polars_read_back(tmp_path, prefect_api):
     manifest = pl.read_parquet(f"{out}/manifest/config={cfg.config_hash}/*.parquet")
     assert manifest.height == 4 and set(manifest["status"]) == {"ok"}
     assert manifest["n_segments"].to_list() == [2, 2, 2, 2]
+
+
+def test_ctrl_c_exits_even_when_unwinding_hangs():
+    """The first Ctrl-C unwinds as usual; if that hangs (a thread waiting on a closed client), the run still
+    ends within the grace period, with the shell's status for SIGINT (130)."""
+    script = ("import threading, time\n"
+              "from audiopipe.flows.cli import exit_promptly_on_interrupt\n"
+              "exit_promptly_on_interrupt(grace_s=1.0)\n"
+              "print('ready', flush=True)\n"
+              "try:\n"
+              "    time.sleep(60)\n"
+              "except KeyboardInterrupt:\n"
+              "    print('unwinding', flush=True)\n"
+              "    threading.Event().wait()  # an unwinding that never ends\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+        assert time.monotonic() - started < 20
+        assert proc.stdout.read().strip() == "unwinding"
+        assert "exiting without waiting" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
