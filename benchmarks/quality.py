@@ -161,7 +161,7 @@ def probe_asr_epoch_s(features_url: str, config_hash: str, labels_url: str, over
     from audiopipe.models.data import iter_examples, open_shard_set, to_dataset
 
     shards = open_shard_set(features_url, config_hash, labels_url, StorageSpec({}))
-    cfg = CtcAsrConfig(**{"n_mels": shards.num_bins, **overrides})
+    cfg = CtcAsrConfig.from_dict({"n_mels": shards.num_bins, **overrides})
     model = build_ctc_asr(cfg)
     model.compile(keras.optimizers.Adam(lr, clipnorm=5.0), loss=CtcLoss())
     ds = to_dataset(lambda: iter_examples(shards, "train", lambda r: encode_text(r["text"]).astype(np.int32)),

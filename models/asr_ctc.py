@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import keras
 import numpy as np
@@ -102,8 +102,22 @@ class CtcAsrConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> CtcAsrConfig:
+        """From ``to_dict`` output or a partial dict of overrides: a missing key keeps its default,
+        ``spec_augment`` may be a dict of ``SpecAugmentConfig`` fields or None (no SpecAugment).
+
+        Raises:
+            ConfigError: unknown keys, here or in ``spec_augment``.
+        """
+        data = dict(data)
+        unknown = set(data) - {f.name for f in fields(cls)}
         spec = data.get("spec_augment")
-        return cls(**{**data, "spec_augment": None if spec is None else SpecAugmentConfig(**spec)})
+        if isinstance(spec, dict):
+            unknown |= {f"spec_augment.{k}" for k in set(spec) - {f.name for f in fields(SpecAugmentConfig)}}
+        if unknown:
+            raise ConfigError(f"unknown CtcAsrConfig keys {sorted(unknown)}")
+        if isinstance(spec, dict):
+            data["spec_augment"] = SpecAugmentConfig(**spec)
+        return cls(**data)
 
 
 def encode_text(text: str, *, vocab: str = DEFAULT_VOCAB) -> np.ndarray:

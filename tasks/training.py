@@ -112,7 +112,7 @@ def _build(spec: TrainSpec, num_bins: int, vocab_or_classes):
         return model, cfg
     from audiopipe.models.asr_ctc import CtcAsrConfig, CtcLoss, build_ctc_asr
 
-    cfg = CtcAsrConfig(**{"n_mels": num_bins, **spec.model_overrides})
+    cfg = CtcAsrConfig.from_dict({"n_mels": num_bins, **spec.model_overrides})
     model = build_ctc_asr(cfg)
     model.compile(keras.optimizers.Adam(spec.learning_rate, clipnorm=5.0), loss=CtcLoss())
     return model, cfg

@@ -225,3 +225,15 @@ def test_beam_decoder_from_files_fits_its_lm_and_lexicon_and_skips_unusable_line
         beam_decoder(StorageSpec(), lm_text_url=str(tmp_path / "bad.txt"))
     with pytest.raises(ConfigError, match="no such file"):
         beam_decoder(StorageSpec(), lexicon_url=str(tmp_path / "missing.txt"))
+
+
+def test_config_from_partial_overrides_keeps_defaults_and_builds_spec_augment():
+    default = asr.CtcAsrConfig.from_dict({"n_mels": 40})
+    assert default.spec_augment == asr.SpecAugmentConfig()  # a missing key keeps its default
+    lighter = asr.CtcAsrConfig.from_dict({"n_mels": 40, "dropout": 0.1, "spec_augment": {"num_time_masks": 1}})
+    assert lighter.spec_augment == asr.SpecAugmentConfig(num_time_masks=1) and lighter.dropout == 0.1
+    assert asr.CtcAsrConfig.from_dict({"n_mels": 40, "spec_augment": None}).spec_augment is None
+    with pytest.raises(ConfigError, match=r"spec_augment.time_masks"):
+        asr.CtcAsrConfig.from_dict({"n_mels": 40, "spec_augment": {"time_masks": 1}})
+    with pytest.raises(ConfigError, match="lstm_size"):
+        asr.CtcAsrConfig.from_dict({"n_mels": 40, "lstm_size": 9})
