@@ -96,6 +96,25 @@ def test_classifier_trains_registers_and_resumes(sounds, tmp_path, prefect_api, 
     assert state["epoch"] == 2
 
 
+def test_asr_trains_with_partial_overrides_and_registers_its_vocabulary(tmp_path, prefect_api):
+    """The asr path of train_model: speech from synth, CTC training on a worker, the card's vocabulary and
+    model config; ``model_overrides`` may name only some fields, SpecAugment's as a dict."""
+    synth("speech", str(tmp_path / "speech"), 24, 1)
+    settings = RunSettings(workers=1, work_dir=tmp_path / "work")
+    featurize(str(tmp_path / "speech" / "audio"), str(tmp_path / "feat"), feature_config=_cfg(), settings=settings)
+    overrides = {"lstm_units": 16, "lstm_layers": 1, "conv_channels": 8, "spec_augment": {"num_time_masks": 1}}
+    spec = TrainSpec("asr", str(tmp_path / "feat"), str(tmp_path / "speech" / "labels" / "labels.parquet"),
+                     str(tmp_path / "reg"), detect_config_hash(str(tmp_path / "feat"), StorageSpec()), epochs=1,
+                     batch_size=8, lr_schedule="cosine", model_overrides=overrides, work_dir=str(tmp_path / "work"))
+    result = train_model_flow(spec, settings)
+    assert result["model_ref"].endswith("asr@1") and 0.0 <= result["metrics"]["cer"]
+    card = Registry(str(tmp_path / "reg")).get_card("asr@1")
+    config = card.params["model_config"]
+    assert config["lstm_units"] == 16 and config["spec_augment"]["num_time_masks"] == 1
+    assert config["spec_augment"]["num_freq_masks"] == 2 and config["dropout"] == 0.2  # defaults kept
+    assert "".join(card.vocabulary).startswith(" '") and len(card.vocabulary) == 28
+
+
 def test_gpu_requested_without_gpu_workers_fails_loudly(sounds, tmp_path, prefect_api):
     spec = TrainSpec("classify", str(tmp_path), str(sounds), str(tmp_path / "reg"), "0" * 12, require_gpu=True)
     with pytest.raises(ConfigError, match="GPU"):
