@@ -102,6 +102,18 @@ def wait_for(predicate, timeout_s: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def featurize_poisoned(tmp_path: Path, cluster, key_prefix: str, n_inputs: int, *,
+                       files_per_shard: int) -> tuple[dict[str, dict], dict]:
+    """Featurize ``tmp_path/in`` on ``cluster`` while tasks whose key starts with ``key_prefix`` kill their
+    worker; returns the manifest by source (checked exactly-once for ``n_inputs``) and the run summary."""
+    cfg, out = FeatureConfig(), f"file://{tmp_path}/out"
+    with Client(cluster.scheduler_address) as client:
+        client.register_plugin(PoisonKey(key_prefix))
+        summary = featurize(str(tmp_path / "in"), out, feature_config=cfg, settings=RunSettings(
+            dask_address=cluster.scheduler_address, files_per_shard=files_per_shard, work_dir=tmp_path / "work"))
+    return {r["source"]: r for r in assert_exactly_once(out, cfg, n_inputs)}, summary
+
+
 @pytest.fixture()
 def own_cluster(tmp_path, s3_store):
     with dask.config.set({"distributed.scheduler.allowed-failures": 2}):
@@ -137,17 +149,11 @@ def test_killed_worker_loses_and_doubles_nothing(tmp_path, own_cluster, prefect_
 
 def test_poison_file_is_quarantined_not_fatal(tmp_path, own_cluster, prefect_api):
     make_corpus(tmp_path / "in", 6)
-    cfg, out = FeatureConfig(), f"file://{tmp_path}/out"
     poison = list_audio_sources(str(tmp_path / "in"), StorageSpec())[2]
-    with Client(own_cluster.scheduler_address) as client:
-        client.register_plugin(PoisonKey(item_key(WorkItem(poison))))
-        summary = featurize(str(tmp_path / "in"), out, feature_config=cfg, settings=RunSettings(
-            dask_address=own_cluster.scheduler_address, files_per_shard=3, work_dir=tmp_path / "work"))
-    manifest = {r["source"]: r for r in assert_exactly_once(out, cfg, 6)}
+    manifest, summary = featurize_poisoned(tmp_path, own_cluster, item_key(WorkItem(poison)), 6, files_per_shard=3)
     assert manifest[poison.url]["status"] == "rejected"
     assert manifest[poison.url]["reason"].startswith("worker crash")
     assert summary["files_ok"] == 5 and summary["rejected_by_reason"] == {"worker crash": 1}
-
 
 
 def test_file_whose_probe_crashes_its_worker_is_quarantined(tmp_path, own_cluster, prefect_api):
@@ -159,13 +165,9 @@ def test_file_whose_probe_crashes_its_worker_is_quarantined(tmp_path, own_cluste
     big = tone(330, 150.0, 16000) + noise(150.0, 16000, rng=np.random.default_rng(1))  # 4.8 MB as 16-bit WAV
     sf.write(tmp_path / "in" / "long.wav", big, 16000, subtype="PCM_16")
     assert (tmp_path / "in" / "long.wav").stat().st_size > PROBE_MIN_BYTES
-    cfg, out = FeatureConfig(), f"file://{tmp_path}/out"
     long_file = next(f for f in list_audio_sources(str(tmp_path / "in"), StorageSpec()) if f.url.endswith("long.wav"))
-    with Client(own_cluster.scheduler_address) as client:
-        client.register_plugin(PoisonKey(f"probe-{item_key(WorkItem(long_file))}"))
-        summary = featurize(str(tmp_path / "in"), out, feature_config=cfg, settings=RunSettings(
-            dask_address=own_cluster.scheduler_address, files_per_shard=4, work_dir=tmp_path / "work"))
-    manifest = {r["source"]: r for r in assert_exactly_once(out, cfg, 4)}
+    manifest, summary = featurize_poisoned(tmp_path, own_cluster, f"probe-{item_key(WorkItem(long_file))}", 4,
+                                           files_per_shard=4)
     assert manifest[long_file.url]["status"] == "rejected"
     assert manifest[long_file.url]["reason"].startswith("worker crash: the worker process died every time it probed")
     assert summary["files_ok"] == 3 and summary["rejected_by_reason"] == {"worker crash": 1}
