@@ -22,12 +22,12 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from audiopipe.infra.errors import TransientStorageError
+from audiopipe.infra.errors import AudiopipeError
 from audiopipe.infra.settings import RunSettings
 from audiopipe.infra.storage import StorageSpec, is_transient, open_fs, write_bytes_atomic
 from audiopipe.tasks.audio_io import AudioInfo, num_segments
-from audiopipe.tasks.execute import (_SUSPECT_LOCK, CRASH_CATEGORY, PROBE_MIN_BYTES, in_completion_order, probe_files,
-                                     reject_category, retry_if_transient)
+from audiopipe.tasks.execute import (_SUSPECT_LOCK, CRASH_CATEGORY, PROBE_MIN_BYTES, failure_reason,
+                                     in_completion_order, probe_files, reject_category, retry_if_transient)
 from audiopipe.tasks.extract import SourceFile, us_to_datetime
 from audiopipe.tasks.infer import InferItem, InferOutput, InferSpec, infer_item
 from audiopipe.tasks.infer_layout import (ResultLayout, class_rows, relative_source, stem_rows, table_of,
@@ -110,9 +110,14 @@ def plan_items(client: Client, files: tuple[SourceFile, ...], spec: InferSpec, s
 def _resolve(item: InferItem, future: Future) -> list[InferOutput] | None:
     """The item's outputs; None when its worker died (the caller retries its recordings alone).
 
+    A failure is otherwise judged as in featurize (``execute.failure_reason``), with one difference: an
+    ``AudiopipeError`` raised by the item itself means the model cannot be used (checksum, registry), so it
+    stops the run instead of rejecting every recording.
+
     Raises:
         Exception: the item has no answer because the client cancelled it or is closing (Ctrl-C, the flow
             stopping); its error is re-raised so the shard does not commit. A rejection is never retried.
+        TransientStorageError: the store failed, not the recording (the shard is retried).
     """
     try:
         return future.result()
@@ -120,17 +125,11 @@ def _resolve(item: InferItem, future: Future) -> list[InferOutput] | None:
         future.release()
         return None
     except Exception as exc:
-        if future.status != "error":  # not the item's own failure: cancelled, or the client shutting down
+        if future.status == "error" and isinstance(exc, AudiopipeError) and not is_transient(exc):
+            future.release()
             raise
-        future.release()
-        if is_transient(exc):
-            raise TransientStorageError(f"storage failed while reading {item.sources[0].url}: {exc}") from exc
-        from audiopipe.infra.errors import AudiopipeError
-
-        if isinstance(exc, AudiopipeError):  # the model cannot be used (checksum, registry): stop the run
-            raise
-        log.exception("unexpected error processing %s", item.sources[0].url)
-        return [InferOutput(s.url, reason=f"processing failed: {type(exc).__name__}: {exc}") for s in item.sources]
+        reason = failure_reason(future, exc, item.sources[0].url)
+        return [InferOutput(s.url, reason=reason) for s in item.sources]
 
 
 def _run(client: Client, items: list[InferItem], spec: InferSpec, storage: StorageSpec, window: int,
