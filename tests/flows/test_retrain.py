@@ -155,6 +155,32 @@ def test_warm_start_fine_tunes_the_champion_and_refuses_other_classes(tmp_path, 
 
 
 @pytest.mark.slow
+def test_better_challenger_replaces_an_existing_champion(tmp_path, prefect_api):
+    work = tmp_path
+    make_holdout(work)
+    land(work, "batch-001", seed=1)
+    registry = Registry(str(work / "reg"))
+    # A champion that never learned (lr 1e-9: chance level on 8 classes), so a trained challenger must beat it.
+    untrained = {**TINY, "epochs": 1, "learning_rate": 1e-9}
+    assert retrain_on_new_labels(**{**params(work), "train_params": untrained})["challenger_version"] == 1
+    land(work, "batch-002", seed=2)
+
+    trained = {**TINY, "epochs": 4, "learning_rate": 1e-2}  # laid over the champion's settings
+    second = retrain_on_new_labels(**{**params(work), "train_params": trained, "margin": 0.05})
+    assert second["status"] == "promote" and (second["champion_version"], second["challenger_version"]) == (1, 2)
+    assert registry.aliases("sounds") == {"champion": 2}
+    decision = registry.list_decisions("sounds")[-1]
+    assert decision.champion_metrics == pytest.approx(holdout_metrics(work, f"{registry.url}:sounds@1"))
+    assert decision.challenger_metrics == pytest.approx(holdout_metrics(work, f"{registry.url}:sounds@2"))
+    assert decision.challenger_metrics["accuracy"] >= decision.champion_metrics["accuracy"] + 0.05
+    moves = registry.alias_history("sounds")
+    assert [(m["version"], m["previous"]) for m in moves] == [(1, None), (2, 1)]
+    assert "**promote**" in decision_markdown(second, str(work / "labels"))
+    registry.rollback("sounds", reason="test")  # the previous champion is one step back
+    assert registry.aliases("sounds") == {"champion": 1}
+
+
+@pytest.mark.slow
 def test_bad_inputs_fail_before_training(tmp_path, prefect_api):
     work = tmp_path
     land(work, "batch-001", seed=1, n=8)
