@@ -581,7 +581,8 @@ def markdown(results: dict) -> str:
             mo = res["details"].get("model_overrides", {})
             augment = "SpecAugment" if mo.get("spec_augment", "default") is not None else "no SpecAugment"
             notes.append(f"- asr greedy CER by voice group: {parts}. Model: {mo.get('frontend', 'conv2d')} front end "
-                         f"(subsample {mo.get('subsample', 4)}), {mo.get('lstm_layers', 3)}×BiLSTM"
+                         f"(subsample {mo.get('subsample', 4)}, upsample {mo.get('upsample', 1)}), "
+                         f"{mo.get('lstm_layers', 3)}×BiLSTM"
                          f"({mo.get('lstm_units', 192)}), dropout {mo.get('dropout', 0.2)}, {augment}; batch "
                          f"{tr['batch_size']}, lr {tr['learning_rate']} ({tr.get('lr_schedule', 'plateau')} schedule).")
             if res["details"].get("probe"):

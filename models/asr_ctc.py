@@ -1,15 +1,17 @@
 """Models: character CTC speech recognition, stacked bidirectional LSTMs over log-mel frames.
 
 In: ``features`` float32 ``(batch, frames, n_mels)`` zero-padded past each row's length, and ``lengths``
-int32 ``(batch,)`` in frames. Out: ``logits`` float32 ``(batch, ceil(frames / subsample), len(vocab) + 1)``,
-unnormalised, index 0 the CTC blank (``mask_index=0`` in ``keras.ops.ctc_loss``), index ``i`` the character
-``vocab[i - 1]``. Frames past a row's length are forced to blank (``layers.BlankPadding``), so the loss and
-the decoders may use the padded length or the row's own length and get the same answer.
+int32 ``(batch,)`` in frames. Out: ``logits`` float32 ``(batch, ceil(frames / subsample), len(vocab) + 1)``
+(with ``upsample`` > 1, up to ``upsample - 1`` more frames, all blank), unnormalised, index 0 the CTC blank
+(``mask_index=0`` in ``keras.ops.ctc_loss``), index ``i`` the character ``vocab[i - 1]``. Frames past a
+row's length are forced to blank (``layers.BlankPadding``), so the loss and the decoders may use the padded
+length or the row's own length and get the same answer.
 
 Pipeline: normalisation (training statistics stored in the model) -> SpecAugment (training only) ->
-front end that divides time by ``subsample`` (2-D conv blocks, or frame stacking) -> ``lstm_layers`` x
-BiLSTM -> dense logits. Decoding: ``greedy_decode``; ``beam_search_decode`` (CTC prefix beam search with an
-optional character n-gram LM, ``CharNgramLM``, and an optional ``Lexicon``).
+front end that divides time by ``subsample * upsample`` (2-D conv blocks, or frame stacking) ->
+``lstm_layers`` x BiLSTM -> dense logits, ``upsample`` output frames per step. Decoding: ``greedy_decode``;
+``beam_search_decode`` (CTC prefix beam search with an optional character n-gram LM, ``CharNgramLM``, and
+an optional ``Lexicon``).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import numpy as np
 from keras import ops
 
 from audiopipe.infra.errors import ConfigError
-from audiopipe.models.layers import (PACKAGE, BlankPadding, FeatureNormalization, FrameStack, LengthMask,
-                                     SequenceMask, SpecAugment, lstm)
+from audiopipe.models.layers import (PACKAGE, BlankPadding, FeatureNormalization, FrameSplit, FrameStack,
+                                     LengthMask, SequenceMask, SpecAugment, lstm)
 
 DEFAULT_VOCAB = " 'abcdefghijklmnopqrstuvwxyz"
 BLANK = 0
@@ -60,7 +62,12 @@ class CtcAsrConfig:
         vocab: Output characters; id ``i + 1`` is ``vocab[i]``, id 0 the blank.
         frontend: ``conv2d`` (``log2(subsample)`` blocks of 3x3 stride-2 conv + ReLU over time x mel) or
             ``stack`` (``subsample`` frames concatenated).
-        subsample: Time reduction of the front end, 1, 2 or 4 (4 = 40 ms per output at a 10 ms hop).
+        subsample: Time reduction of the output, 1, 2 or 4 (2 = 20 ms per output frame at a 10 ms hop).
+        upsample: Output frames per recurrent step. The front end reduces time by ``subsample * upsample``
+            (1, 2 or 4) and the classifier emits ``upsample`` frames from each BiLSTM step, so the LSTMs run
+            at the cheaper rate while CTC keeps room for fast speech: at 40 ms per output, character CTC
+            needs 0.6-1.0 of the frames for espeak-ng and flite speech, and some utterances cannot be
+            aligned at all.
         conv_channels: Channels of each conv block (``conv2d`` only).
         lstm_units: Units per direction of each BiLSTM.
         lstm_layers: Number of stacked BiLSTMs.
@@ -72,6 +79,7 @@ class CtcAsrConfig:
     vocab: str = DEFAULT_VOCAB
     frontend: str = "conv2d"
     subsample: int = 4
+    upsample: int = 1
     conv_channels: int = 32
     lstm_units: int = 192
     lstm_layers: int = 3
@@ -85,12 +93,19 @@ class CtcAsrConfig:
             raise ConfigError(f"frontend must be one of {FRONTENDS}, got {self.frontend!r}")
         if self.subsample not in (1, 2, 4):
             raise ConfigError(f"subsample must be 1, 2 or 4, got {self.subsample}")
+        if self.upsample < 1 or self.reduction not in (1, 2, 4):
+            raise ConfigError(f"subsample x upsample must be 1, 2 or 4, got {self.subsample} x {self.upsample}")
         if min(self.n_mels, self.conv_channels, self.lstm_units, self.lstm_layers) < 1:
             raise ConfigError(f"n_mels, conv_channels, lstm_units and lstm_layers must be >= 1: {self}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.spec_augment is not None and self.spec_augment.freq_mask_bins >= self.n_mels:
             raise ConfigError(f"freq_mask_bins ({self.spec_augment.freq_mask_bins}) must be < n_mels")
+
+    @property
+    def reduction(self) -> int:
+        """Time reduction of the front end: input frames per BiLSTM step."""
+        return self.subsample * self.upsample
 
     @property
     def num_classes(self) -> int:
@@ -155,16 +170,16 @@ def required_frames(ids: np.ndarray) -> int:
 
 def _conv2d_frontend(x, lengths, cfg: CtcAsrConfig):
     x = keras.layers.Reshape((-1, cfg.n_mels, 1), name="frontend_expand")(x)
-    for block in range(int(math.log2(cfg.subsample))):
+    for block in range(int(math.log2(cfg.reduction))):
         # Fixed one-frame padding on both sides, then a 'valid' stride-2 conv: 'same' padding would put the
         # odd frame on the left or right depending on the batch's padded length.
         x = keras.layers.ZeroPadding2D(((1, 1), (1, 1)), name=f"frontend_pad{block}")(x)
         x = keras.layers.Conv2D(cfg.conv_channels, 3, strides=2, activation="relu", name=f"frontend_conv{block}")(x)
         x = LengthMask(2 ** (block + 1), name=f"frontend_zero{block}")([x, lengths])
     bins = cfg.n_mels
-    for _ in range(int(math.log2(cfg.subsample))):
+    for _ in range(int(math.log2(cfg.reduction))):
         bins = -(-bins // 2)
-    return keras.layers.Reshape((-1, bins * (cfg.conv_channels if cfg.subsample > 1 else 1)),
+    return keras.layers.Reshape((-1, bins * (cfg.conv_channels if cfg.reduction > 1 else 1)),
                                 name="frontend_flatten")(x)
 
 
@@ -178,14 +193,16 @@ def build_ctc_asr(cfg: CtcAsrConfig) -> keras.Model:
     x = LengthMask(1, name="input_zero")([x, lengths])
     if cfg.frontend == "conv2d":
         x = _conv2d_frontend(x, lengths, cfg)
-    elif cfg.subsample > 1:
-        x = FrameStack(cfg.subsample, name="frame_stack")(x)
-    mask = SequenceMask(cfg.subsample, name="sequence_mask")([x, lengths])
+    elif cfg.reduction > 1:
+        x = FrameStack(cfg.reduction, name="frame_stack")(x)
+    mask = SequenceMask(cfg.reduction, name="sequence_mask")([x, lengths])
     for i in range(cfg.lstm_layers):
         x = keras.layers.Dropout(cfg.dropout, name=f"dropout{i}")(x)
         x = keras.layers.Bidirectional(lstm(cfg.lstm_units, name=f"lstm{i}"), name=f"bilstm{i}")(x, mask=mask)
     x = keras.layers.Dropout(cfg.dropout, name="dropout_out")(x)
-    logits = keras.layers.Dense(cfg.num_classes, dtype="float32", name="classifier")(x)
+    logits = keras.layers.Dense(cfg.num_classes * cfg.upsample, dtype="float32", name="classifier")(x)
+    if cfg.upsample > 1:
+        logits = FrameSplit(cfg.upsample, dtype="float32", name="upsample")(logits)
     logits = BlankPadding(cfg.subsample, dtype="float32", name="logits")([logits, lengths])
     return keras.Model({"features": features, "lengths": lengths}, logits, name="ctc_asr")
 

@@ -259,6 +259,33 @@ class FrameStack(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
+class FrameSplit(keras.layers.Layer):
+    """Split each frame into ``factor`` frames: ``(batch, frames, factor*f) -> (batch, factor*frames, f)``.
+
+    The inverse of ``FrameStack``: units ``[k*f, (k+1)*f)`` of frame ``i`` become frame ``factor*i + k``.
+    The incoming mask (one entry per input frame) does not fit the output and is dropped; ``BlankPadding``
+    marks the padded output frames instead.
+    """
+
+    def __init__(self, factor: int, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = int(factor)
+
+    def call(self, inputs):
+        return ops.reshape(inputs, (ops.shape(inputs)[0], -1, inputs.shape[-1] // self.factor))
+
+    def compute_mask(self, inputs, previous_mask=None):
+        return None
+
+    def compute_output_shape(self, input_shape):
+        frames = None if input_shape[1] is None else input_shape[1] * self.factor
+        return (input_shape[0], frames, input_shape[2] // self.factor)
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class BlankPadding(keras.layers.Layer):
     """Make every frame past a row's length a certain CTC blank (index 0); valid frames pass unchanged.
 

@@ -10,7 +10,8 @@ import pytest
 
 from audiopipe.infra.errors import ConfigError
 from audiopipe.models import asr_ctc as asr
-from audiopipe.models.layers import CUDNN_LSTM_CONFIG, SpecAugment, cudnn_ineligible_layers, lstm, output_lengths
+from audiopipe.models.layers import (CUDNN_LSTM_CONFIG, FrameSplit, FrameStack, SpecAugment, cudnn_ineligible_layers,
+                                     lstm, output_lengths)
 from audiopipe.models.metrics import cer, char_alignment, wer
 
 TINY = asr.CtcAsrConfig(n_mels=16, conv_channels=4, lstm_units=8, lstm_layers=2, subsample=4, dropout=0.1,
@@ -53,6 +54,39 @@ def test_output_shape_follows_the_front_end(frontend, subsample):
     out = asr.build_ctc_asr(cfg).predict(_batch(cfg, [37, 20]), verbose=0)
     assert out.shape == (2, math.ceil(37 / subsample), len(asr.DEFAULT_VOCAB) + 1)
     assert out.dtype == np.float32
+
+
+def test_frame_split_inverts_frame_stack():
+    x = np.arange(2 * 7 * 3, dtype=np.float32).reshape(2, 7, 3)
+    stacked = FrameStack(2)(x)
+    assert tuple(stacked.shape) == (2, 4, 6)
+    split = np.asarray(FrameSplit(2)(stacked))
+    np.testing.assert_array_equal(split[:, :7], x)
+    np.testing.assert_array_equal(split[:, 7], 0.0)  # FrameStack's zero padding
+
+
+@pytest.mark.parametrize("frontend", ["conv2d", "stack"])
+def test_upsample_runs_the_lstms_at_half_the_output_rate_and_stays_exact(frontend, tmp_path):
+    cfg = asr.CtcAsrConfig(n_mels=16, frontend=frontend, subsample=2, upsample=2, conv_channels=2, lstm_units=4,
+                           lstm_layers=1, spec_augment=None)
+    assert cfg.reduction == 4
+    model = asr.build_ctc_asr(cfg)
+    x = _batch(cfg, [37, 20, 9])
+    logits = model.predict(x, verbose=0)
+    steps = keras.Model(model.inputs, model.get_layer("bilstm0").output).predict(x, verbose=0).shape[1]
+    assert steps == math.ceil(37 / 4) and logits.shape[1] == 2 * steps  # 20 frames, 19 of them valid
+    out_len = output_lengths(x["lengths"], 2)
+    for row, n in enumerate(out_len):
+        assert np.all(logits[row, n:].argmax(-1) == asr.BLANK)
+    alone = model.predict({"features": x["features"][1:2, :20], "lengths": x["lengths"][1:2]}, verbose=0)
+    np.testing.assert_allclose(alone[0, :out_len[1]], logits[1, :out_len[1]], atol=1e-5)
+    labels, label_lengths = asr.encode_batch(["abcdefghijklmnopq", "abcdefgh", "abcd"])  # 17 > ceil(37/4) steps
+    own = np.asarray(asr.ctc_loss(labels, logits, label_lengths, out_len))
+    assert np.all(np.isfinite(own))
+    np.testing.assert_allclose(np.asarray(asr.CtcLoss()(labels, logits)), own.mean(), rtol=1e-5)
+    model.save(tmp_path / "up.keras")
+    loaded = keras.saving.load_model(tmp_path / "up.keras", safe_mode=True)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), logits, atol=1e-6)
 
 
 def test_padded_frames_are_certain_blanks_and_rows_ignore_batch_padding(trained):
@@ -125,7 +159,8 @@ def test_unknown_characters_are_a_clear_error():
 
 
 @pytest.mark.parametrize("bad", [{"subsample": 3}, {"frontend": "lstm"}, {"vocab": "aab"}, {"dropout": 1.0},
-                                 {"lstm_layers": 0}, {"n_mels": 8}])
+                                 {"lstm_layers": 0}, {"n_mels": 8}, {"subsample": 4, "upsample": 2},
+                                 {"upsample": 0}])
 def test_bad_configs_are_refused(bad):
     with pytest.raises(ConfigError):
         asr.CtcAsrConfig(**bad)  # n_mels=8 < default freq_mask_bins=15
