@@ -375,10 +375,37 @@ def write_training_report(out: Path, spec: TrainSpec, history: dict, metrics: di
         fig.savefig(out / "confusion.png", dpi=90)
         plt.close(fig)
         body += "<img src='confusion.png'>"
-    for ref, hyp in extras.get("transcripts", []):
-        mark = "" if ref == hyp else " style='color:#b00'"
-        body += f"<p>ref: {html.escape(ref)}<br><span{mark}>hyp: {html.escape(hyp)}</span></p>"
+    if extras.get("transcripts"):
+        body += f"<h2>Test transcripts</h2>{TRANSCRIPT_LEGEND}"
+        body += "".join(transcript_html(ref, hyp) for ref, hyp in extras["transcripts"])
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" for k, v in metrics.items())
-    (out / "index.html").write_text(f"<!doctype html><meta charset='utf-8'><h1>{spec.family}</h1>"
+    (out / "index.html").write_text(f"<!doctype html><meta charset='utf-8'>{TRANSCRIPT_CSS}<h1>{spec.family}</h1>"
                                     f"<table>{rows}</table>{body}", encoding="utf-8")
     return out / "index.html"
+
+
+TRANSCRIPT_CSS = ("<style>.tx{font-family:monospace;white-space:pre-wrap;margin:.6em 0}"
+                  ".sub{background:#fdd;color:#a00}.del{background:#eee;color:#888;text-decoration:line-through}"
+                  ".ins{background:#ffe3b3;color:#940}</style>")
+TRANSCRIPT_LEGEND = ("<p>Errors against the reference: <span class='sub'>substituted</span>, "
+                     "<span class='del'>deleted</span> (missing from the output), <span class='ins'>inserted</span>.</p>")
+
+
+def transcript_html(reference: str, hypothesis: str) -> str:
+    """One reference/hypothesis pair as HTML, each character error marked (jiwer's character alignment)."""
+    import html
+
+    from audiopipe.models.metrics import cer, char_alignment
+
+    def span(kind: str, text: str) -> str:
+        text = html.escape(text)
+        return text if kind == "equal" else f"<span class='{kind[:3]}'>{text}</span>"  # sub, del, ins
+
+    ref = hyp = ""
+    for chunk in char_alignment(reference, hypothesis) if reference else ():
+        ref += span(chunk.kind, chunk.reference) if chunk.kind != "insert" else ""
+        hyp += span(chunk.kind, chunk.hypothesis if chunk.kind != "delete" else chunk.reference)
+    if not reference:
+        hyp = span("insert", hypothesis)
+    rate = f"CER {cer([reference], [hypothesis]):.0%}" if reference else "empty reference"
+    return f"<p class='tx'>ref: {ref}\nhyp: {hyp}   ({rate})</p>"

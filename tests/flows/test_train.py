@@ -102,7 +102,8 @@ def test_asr_trains_with_partial_overrides_and_registers_its_vocabulary(tmp_path
     synth("speech", str(tmp_path / "speech"), 24, 1)
     settings = RunSettings(workers=1, work_dir=tmp_path / "work")
     featurize(str(tmp_path / "speech" / "audio"), str(tmp_path / "feat"), feature_config=_cfg(), settings=settings)
-    overrides = {"lstm_units": 16, "lstm_layers": 1, "conv_channels": 8, "spec_augment": {"num_time_masks": 1}}
+    overrides = {"lstm_units": 16, "lstm_layers": 1, "conv_channels": 8, "spec_augment": {"num_time_masks": 1},
+                 "subsample": 2, "upsample": 2}
     spec = TrainSpec("asr", str(tmp_path / "feat"), str(tmp_path / "speech" / "labels" / "labels.parquet"),
                      str(tmp_path / "reg"), detect_config_hash(str(tmp_path / "feat"), StorageSpec()), epochs=1,
                      batch_size=8, lr_schedule="cosine", model_overrides=overrides, work_dir=str(tmp_path / "work"))
@@ -113,6 +114,9 @@ def test_asr_trains_with_partial_overrides_and_registers_its_vocabulary(tmp_path
     assert config["lstm_units"] == 16 and config["spec_augment"]["num_time_masks"] == 1
     assert config["spec_augment"]["num_freq_masks"] == 2 and config["dropout"] == 0.2  # defaults kept
     assert "".join(card.vocabulary).startswith(" '") and len(card.vocabulary) == 28
+    assert (config["subsample"], config["upsample"]) == (2, 2)
+    report = (Path(result["report_dir"]) / "index.html").read_text()
+    assert "Test transcripts" in report and report.count("<p class='tx'>ref: ") == result["metrics"]["num_test"]
 
 
 def test_gpu_requested_without_gpu_workers_fails_loudly(sounds, tmp_path, prefect_api):

@@ -89,3 +89,16 @@ def test_bucket_edges_bound_padding_to_twenty_percent():
     assert edges[0] == 100 and edges[-1] >= 2500  # 1 s to ~27 s at a 10 ms hop
     assert np.all(np.diff(edges) > 0)
     assert np.max(edges[1:] / edges[:-1]) <= 1.21
+
+
+def test_transcript_html_marks_each_character_error():
+    from audiopipe.tasks.training import transcript_html
+
+    out = transcript_html("hello world", "helo wurldz")
+    # the second l is missing (shown struck through in the output line), o -> u, z inserted
+    assert "ref: hel<span class='del'>l</span>o w<span class='sub'>o</span>rld\n" in out
+    assert "hyp: hel<span class='del'>l</span>o w<span class='sub'>u</span>rld<span class='ins'>z</span>" in out
+    assert "(CER 27%)" in out  # 3 edits / 11 reference characters
+    assert transcript_html("a<b", "a<b").count("span") == 0 and "a&lt;b" in transcript_html("a<b", "a<b")
+    assert "<span class='del'>the cat</span>" in transcript_html("the cat", "")
+    assert "empty reference" in transcript_html("", "x")
