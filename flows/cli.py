@@ -99,6 +99,19 @@ def cli_storage_options(options_json: str | None) -> dict[str, Any]:
     return split_secrets(dict(storage_spec_from_env(options_json, env={}).options))
 
 
+def json_object(text: str | None, option: str) -> dict[str, Any] | None:
+    """A JSON-object option (``--model-config``, ``--train-params``...) as a dict; None when not given."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{option} is not valid JSON ({exc.msg} at char {exc.pos}).") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{option} must be a JSON object.")
+    return value
+
+
 def split_secrets(options: dict[str, Any]) -> dict[str, Any]:
     """Move credentials out of storage options into this process's environment.
 
@@ -229,6 +242,7 @@ def train(
                                              "decay it over --epochs (best for a fixed budget).")] = "plateau",
     seed: Annotated[int, typer.Option(help="Seed for weights, shuffling and dropout.")] = 0,
     init_from: Annotated[str | None, typer.Option(help="Warm start (classify, asr): REGISTRY:NAME@VERSION whose weights and normalisation to start from.")] = None,
+    model_config: Annotated[str | None, typer.Option(help='Architecture overrides as JSON, e.g. \'{"lstm_units": 256, "upsample": 2}\' (fields of the family\'s config: docs/flows/training.md).')] = None,
     gpu: Annotated[bool, typer.Option(help="Require a GPU worker (fails if none); mixed precision there.")] = False,
     name: Annotated[str | None, typer.Option(help="Registry model name (default: the family).")] = None,
     dask_address: Annotated[str | None, typer.Option(help="Existing Dask scheduler; a 1-worker local cluster otherwise.")] = None,
@@ -256,7 +270,8 @@ def train(
             config_hash = detect_config_hash(features, storage)
         spec = TrainSpec(family, features or "", labels, registry, config_hash or "",
                          epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                         lr_schedule=lr_schedule, init_from=init_from, require_gpu=gpu, model_name=name, work_dir=str(settings.work_dir))
+                         lr_schedule=lr_schedule, init_from=init_from, require_gpu=gpu, model_name=name,
+                         model_overrides=json_object(model_config, "--model-config") or {}, work_dir=str(settings.work_dir))
         result = train_model_flow(spec, settings, options)
     except AudiopipeError as exc:
         fail(str(exc))

@@ -7,15 +7,14 @@ on stdout. User errors (``AudiopipeError``) print one paragraph and exit 2, as t
 
 from __future__ import annotations
 
-import json
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from audiopipe.infra.errors import AudiopipeError, ConfigError
+from audiopipe.infra.errors import AudiopipeError
 
 
 def register(app: typer.Typer) -> None:
@@ -48,7 +47,7 @@ def retrain(
     featurized, a challenger is trained on all tables with the champion's settings, both are scored on the
     held-out table and the decision is recorded in the registry (`audiopipe models show NAME`).
     """
-    from audiopipe.flows.cli import cli_storage_options, exit_promptly_on_interrupt, fail
+    from audiopipe.flows.cli import cli_storage_options, exit_promptly_on_interrupt, fail, json_object
     from audiopipe.infra.settings import RunSettings, apply_prefect_defaults
 
     exit_promptly_on_interrupt()
@@ -63,8 +62,8 @@ def retrain(
         from audiopipe.flows.retrain import retrain_on_new_labels
         from audiopipe.tasks.retraining import check_request
 
-        parsed = {"feature_config": _json_object(feature_config, "--feature-config"),
-                  "train_params": _json_object(train_params, "--train-params")}
+        parsed = {"feature_config": json_object(feature_config, "--feature-config"),
+                  "train_params": json_object(train_params, "--train-params")}
         check_request(model, margin=margin, metric=metric, higher_is_better=higher_is_better,
                       holdout_split=holdout_split, epochs=epochs, train_params=parsed["train_params"],
                       storage_options=options)
@@ -75,18 +74,6 @@ def retrain(
     except AudiopipeError as exc:
         fail(str(exc))
     Console().print(_result_table(result))
-
-
-def _json_object(text: str | None, option: str) -> dict[str, Any] | None:
-    if not text:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{option} is not valid JSON ({exc.msg} at char {exc.pos}).") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{option} must be a JSON object.")
-    return value
 
 
 def _result_table(result: dict) -> Table:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +106,11 @@ def _build(spec: TrainSpec, num_bins: int, vocab_or_classes):
     if spec.family == "classify":
         from audiopipe.models.classifier import ClassifierConfig, build_classifier, classifier_loss
 
+        unknown = set(spec.model_overrides) - {f.name for f in fields(ClassifierConfig)} | (
+            {"n_mels", "n_classes"} & set(spec.model_overrides))
+        if unknown:
+            raise ConfigError(f"unknown classify model overrides {sorted(unknown)}; use ClassifierConfig fields "
+                              "(n_mels and n_classes come from the features and the labels).")
         cfg = ClassifierConfig(**{"n_mels": num_bins, "n_classes": len(vocab_or_classes), **spec.model_overrides})
         model = build_classifier(cfg)
         model.compile(keras.optimizers.Adam(spec.learning_rate), loss=classifier_loss(), metrics=["accuracy"])

@@ -84,6 +84,14 @@ def test_classifier_trains_registers_and_resumes(sounds, tmp_path, prefect_api, 
     for extra, needle in ((["--lm-text", "x.txt"], "need --beam-width"), (["--beam-width", "4"], "applies to asr")):
         result = CliRunner().invoke(app, base + extra, env={"COLUMNS": "200", "NO_COLOR": "1"})
         assert result.exit_code == 2 and needle in " ".join(result.output.split()), result.output
+    # `train --model-config` sets architecture fields; a wrong one is named before anything is trained
+    base = ["train", "classify", "--features", str(tmp_path / "feat"), "--registry", str(tmp_path / "reg"),
+            "--labels", str(sounds / "corpus" / "labels" / "labels.parquet"), "--epochs", "1"]
+    env = {"COLUMNS": "200", "NO_COLOR": "1", "AUDIOPIPE_WORK_DIR": str(tmp_path / "work")}
+    for config, needle in (("[16]", "must be a JSON object"), ('{"lstm_unitz": 8}', "overrides ['lstm_unitz']")):
+        result = CliRunner().invoke(app, base + ["--model-config", config], env=env)
+        assert result.exit_code == 2 and needle in " ".join(result.output.split()), result.output
+    assert registry.list_versions("classify") == [1]
     featurize(str(sounds / "corpus" / "audio"), str(tmp_path / "feat"), settings=settings,
               feature_config=_cfg().__class__(segment_seconds=10.0, n_mels=40))
     with pytest.raises(ConfigError, match="no committed feature shards"):
