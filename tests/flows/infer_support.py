@@ -20,27 +20,31 @@ VOCAB = " 'abcdefghijklmnopqrstuvwxyz"
 FEATURES = FeatureConfig(n_mels=40, segment_seconds=3.0)
 
 
-def per_frame_asr(n_mels: int = FEATURES.n_mels, seed: int = 0):
+def per_frame_asr(n_mels: int = FEATURES.n_mels, seed: int = 0, upsample: int = 1):
+    """Output frames every ``4 // upsample`` input frames, each from one stack of 4 (``CtcAsrConfig.upsample``)."""
     import keras
 
-    from audiopipe.models.layers import BlankPadding, FrameStack
+    from audiopipe.models.layers import BlankPadding, FrameSplit, FrameStack
 
     keras.utils.set_random_seed(seed)
     features = keras.Input((None, n_mels), name="features")
     lengths = keras.Input((), dtype="int32", name="lengths")
     x = FrameStack(4, name="frame_stack")(features)
-    logits = keras.layers.Dense(len(VOCAB) + 1, name="classifier",
+    logits = keras.layers.Dense(upsample * (len(VOCAB) + 1), name="classifier",
                                 kernel_initializer=keras.initializers.RandomNormal(stddev=0.05))(x)
-    logits = BlankPadding(4, name="logits")([logits, lengths])
+    if upsample > 1:
+        logits = FrameSplit(upsample, name="upsample")(logits)
+    logits = BlankPadding(4 // upsample, name="logits")([logits, lengths])
     return keras.Model({"features": features, "lengths": lengths}, logits, name="per_frame_asr")
 
 
-def register_asr(registry_url: str, storage: StorageSpec = StorageSpec(), *, model=None, name: str = "asr") -> str:
-    model = model or per_frame_asr()
+def register_asr(registry_url: str, storage: StorageSpec = StorageSpec(), *, model=None, name: str = "asr",
+                 upsample: int = 1) -> str:
+    model = model or per_frame_asr(upsample=upsample)
     ref = Registry(registry_url, storage).register(
         name, model, family="asr", metrics={"cer": 0.5}, feature_config=FEATURES.to_dict(),
         training_data=TrainingData.of(["made-in-test"]), vocabulary=tuple(VOCAB),
-        params={"model_config": {"subsample": 4}})
+        params={"model_config": {"subsample": 4 // upsample, "upsample": upsample}})
     return f"{registry_url}:{ref.name}@{ref.version}"
 
 

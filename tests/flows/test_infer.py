@@ -48,10 +48,11 @@ def _frames(outputs) -> np.ndarray:
     return np.concatenate([p[1] for p in pieces])
 
 
-def test_windowed_long_recording_equals_one_pass(tmp_path):
+@pytest.mark.parametrize("upsample", [1, 2])  # outputs every 40 ms, or every 20 ms from 40 ms steps
+def test_windowed_long_recording_equals_one_pass(tmp_path, upsample):
     """Windows, and chunks of windows on different items, join into exactly the single-pass frame sequence."""
     wav = write_wav(tmp_path / "in" / "long.wav", voiced(95.0))
-    ref = register_asr(str(tmp_path / "reg"))
+    ref = register_asr(str(tmp_path / "reg"), upsample=upsample)
     spec = model_spec("transcribe", ref, StorageSpec(), in_url=str(tmp_path / "in"), work_dir=tmp_path / "work")
     source = SourceFile("file://" + str(wav), wav.stat().st_size)
     windowed = infer_item(InferItem((source,)), spec, StorageSpec())
