@@ -51,6 +51,14 @@ def params(work: Path, **extra) -> dict:
                 settings={"workers": 1, "work_dir": str(work / "work")}, **extra)
 
 
+def champion_then_new_batch(work: Path, train_params: dict = TINY) -> tuple[Registry, str]:
+    """Version 1 trained on a first batch and promoted (no champion before it), then a second batch lands."""
+    make_holdout(work)
+    land(work, "batch-001", seed=1)
+    assert retrain_on_new_labels(**{**params(work), "train_params": train_params})["challenger_version"] == 1
+    return Registry(str(work / "reg")), land(work, "batch-002", seed=2)
+
+
 def holdout_metrics(work: Path, ref: str) -> dict:
     return evaluate_registered(ref, str(work / "feat"), str(work / "holdout.parquet"), StorageSpec(),
                                cache_dir=str(work / "cache"))["metrics"]
@@ -125,11 +133,7 @@ def test_warm_start_fine_tunes_the_champion_and_refuses_other_classes(tmp_path, 
     import numpy as np
 
     work = tmp_path
-    make_holdout(work)
-    land(work, "batch-001", seed=1)
-    registry = Registry(str(work / "reg"))
-    assert retrain_on_new_labels(**params(work))["challenger_version"] == 1
-    table2 = land(work, "batch-002", seed=2)
+    registry, table2 = champion_then_new_batch(work)
 
     # At a learning rate of 1e-9 no weight moves measurably in one epoch: the challenger still holds exactly
     # what it started from, which must be the champion's weights and normalisation (not a fresh init).
@@ -157,13 +161,8 @@ def test_warm_start_fine_tunes_the_champion_and_refuses_other_classes(tmp_path, 
 @pytest.mark.slow
 def test_better_challenger_replaces_an_existing_champion(tmp_path, prefect_api):
     work = tmp_path
-    make_holdout(work)
-    land(work, "batch-001", seed=1)
-    registry = Registry(str(work / "reg"))
     # A champion that never learned (lr 1e-9: chance level on 8 classes), so a trained challenger must beat it.
-    untrained = {**TINY, "epochs": 1, "learning_rate": 1e-9}
-    assert retrain_on_new_labels(**{**params(work), "train_params": untrained})["challenger_version"] == 1
-    land(work, "batch-002", seed=2)
+    registry, _ = champion_then_new_batch(work, {**TINY, "epochs": 1, "learning_rate": 1e-9})
 
     trained = {**TINY, "epochs": 4, "learning_rate": 1e-2}  # laid over the champion's settings
     second = retrain_on_new_labels(**{**params(work), "train_params": trained, "margin": 0.05})
