@@ -210,16 +210,21 @@ def _print_summary(summary: dict) -> None:
 def synth(
     kind: Annotated[str, typer.Argument(help="Corpus: speech, sounds, music or mixtures.")],
     out_url: Annotated[str, typer.Argument(help="Where the audio and labels/labels.parquet go (any fsspec URL).")],
-    n: Annotated[int, typer.Option(help="Items to make (utterances, clips, scores or mixtures).")] = 200,
+    n: Annotated[int | None, typer.Option(help="Items to make (utterances, clips, scores or mixtures) [default: 200].")] = None,
+    hours: Annotated[float | None, typer.Option(help="Instead of --n: about this many hours of audio (items from each kind's mean length).")] = None,
     seed: Annotated[int, typer.Option(help="Seed: the same seed makes the same corpus.")] = 0,
     storage_options: Annotated[str | None, typer.Option(help="fsspec/s3fs options as JSON.")] = None,
 ) -> None:
     """Synthesize a labelled corpus (speech with transcripts, sound classes, Bach chorales, mixtures with stems)."""
+    from audiopipe.flows.synth import items_for_hours
     from audiopipe.flows.synth import synth as run_synth
 
     try:
+        if n is not None and hours is not None:
+            raise ConfigError("give --n or --hours, not both.")
+        count = items_for_hours(kind, hours) if hours is not None else (200 if n is None else n)
         options = cli_storage_options(storage_options)
-        result = run_synth(kind, out_url, n, seed, options)
+        result = run_synth(kind, out_url, count, seed, options)
     except AudiopipeError as exc:
         fail(str(exc))
     table = Table(title=f"synth {kind}", show_header=False)

@@ -26,6 +26,22 @@ from audiopipe.tasks.corpora import CORPUS_WRITERS, labels_table, save_labels, u
 logger = logging.getLogger(__name__)
 
 MAX_ITEMS = 1_000_000
+# Mean seconds of audio per item, measured on the seed-0 corpora of benchmarks/quality.py (6,000 utterances:
+# 4.7 h; 1,200 clips: 0.7 h; 800 scores: 2.1 h; 1,500 mixtures: 1.4 h). ``--hours`` converts with these.
+MEAN_ITEM_SECONDS = {"speech": 2.8, "sounds": 2.1, "music": 9.5, "mixtures": 3.4}
+
+
+def items_for_hours(kind: str, hours: float) -> int:
+    """About how many items of ``kind`` make ``hours`` of audio (at least 1).
+
+    Raises:
+        ConfigError: for an unknown kind or hours that are not positive.
+    """
+    if kind not in MEAN_ITEM_SECONDS:
+        raise ConfigError(f"unknown corpus kind {kind!r}; use one of {', '.join(MEAN_ITEM_SECONDS)}")
+    if not hours > 0:
+        raise ConfigError(f"--hours must be positive, got {hours}")
+    return max(1, round(hours * 3600 / MEAN_ITEM_SECONDS[kind]))
 
 
 def synth(kind: str, out_url: str, n: int, seed: int, storage_options: dict[str, Any] | None = None) -> dict:
@@ -42,7 +58,7 @@ def synth(kind: str, out_url: str, n: int, seed: int, storage_options: dict[str,
         storage_options: fsspec/s3fs options for ``out_url`` (endpoint, keys), as ``--storage-options``.
 
     Returns:
-        ``{"kind", "labels_url", "num_rows", "num_files", "seconds", "splits": {split: rows},
+        ``{"kind", "labels_url", "num_rows", "num_files", "audio_hours", "seconds", "splits": {split: rows},
         "classes": {label: rows}, "engines": {engine: rows}}``.
 
     Raises:
@@ -71,6 +87,7 @@ def synth(kind: str, out_url: str, n: int, seed: int, storage_options: dict[str,
         "labels_url": labels_url,
         "num_rows": len(rows),
         "num_files": num_files,
+        "audio_hours": round(sum(r.duration_s or 0.0 for r in rows) / 3600, 3),
         "seconds": seconds,
         "splits": dict(sorted(Counter(r.split for r in rows).items())),
         "classes": dict(sorted(Counter(r.label for r in rows if r.label is not None).items())),

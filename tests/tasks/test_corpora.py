@@ -240,3 +240,23 @@ def test_every_split_of_mixtures_sees_every_background(tmp_path):
     for row in rows:
         seen[row.split].add(row.label)
     assert all(seen[split] == set(MIXTURE_BACKGROUNDS) for split in ("train", "val", "test")), dict(seen)
+
+
+def test_synth_cli_hours_picks_the_count_and_reports_the_audio(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from audiopipe.flows.cli import app
+    from audiopipe.flows.synth import MEAN_ITEM_SECONDS, items_for_hours
+
+    assert items_for_hours("sounds", 0.01) == round(36 / MEAN_ITEM_SECONDS["sounds"]) == 17
+    env = {"COLUMNS": "200", "NO_COLOR": "1"}
+    result = CliRunner().invoke(app, ["synth", "sounds", str(tmp_path / "out"), "--hours", "0.01"], env=env)
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(tmp_path / "out/labels/labels.parquet", use_threads=False)
+    hours = sum(table.column("duration_s").to_pylist()) / 3600
+    assert table.num_rows == 17 and 0.007 < hours < 0.013  # the mean length is an estimate
+    assert f"audio_hours │ {round(hours, 3)}" in result.output
+    both = CliRunner().invoke(app, ["synth", "sounds", str(tmp_path / "x"), "--n", "3", "--hours", "1"], env=env)
+    assert both.exit_code == 2 and "not both" in both.output and not (tmp_path / "x").exists()
+    with pytest.raises(ConfigError, match="positive"):
+        items_for_hours("speech", 0)
