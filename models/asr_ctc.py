@@ -60,14 +60,14 @@ class CtcAsrConfig:
     Attributes:
         n_mels: Log-mel bins per input frame.
         vocab: Output characters; id ``i + 1`` is ``vocab[i]``, id 0 the blank.
-        frontend: ``conv2d`` (``log2(subsample)`` blocks of 3x3 stride-2 conv + ReLU over time x mel) or
-            ``stack`` (``subsample`` frames concatenated).
+        frontend: ``conv2d`` (``log2(reduction)`` blocks of 3x3 stride-2 conv + ReLU over time x mel) or
+            ``stack`` (``reduction`` frames concatenated), ``reduction = subsample * upsample``.
         subsample: Time reduction of the output, 1, 2 or 4 (2 = 20 ms per output frame at a 10 ms hop).
         upsample: Output frames per recurrent step. The front end reduces time by ``subsample * upsample``
             (1, 2 or 4) and the classifier emits ``upsample`` frames from each BiLSTM step, so the LSTMs run
             at the cheaper rate while CTC keeps room for fast speech: at 40 ms per output, character CTC
             needs 0.6-1.0 of the frames for espeak-ng and flite speech, and some utterances cannot be
-            aligned at all.
+            aligned at all. Measured in a 30-minute CPU budget, 2 was worse than 1 (docs/benchmarks.md).
         conv_channels: Channels of each conv block (``conv2d`` only).
         lstm_units: Units per direction of each BiLSTM.
         lstm_layers: Number of stacked BiLSTMs.
