@@ -141,8 +141,8 @@ def test_ctrl_c_exits_even_when_unwinding_hangs():
     script = ("import threading, time\n"
               "from audiopipe.flows.cli import exit_promptly_on_interrupt\n"
               "exit_promptly_on_interrupt(grace_s=1.0)\n"
-              "print('ready', flush=True)\n"
-              "try:\n"
+              "try:\n"  # 'ready' inside the try: the signal may land before print() returns
+              "    print('ready', flush=True)\n"
               "    time.sleep(60)\n"
               "except KeyboardInterrupt:\n"
               "    print('unwinding', flush=True)\n"
