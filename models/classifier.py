@@ -12,7 +12,7 @@ Metrics (numpy): ``accuracy``, ``confusion_matrix``, ``precision_recall``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import keras
 import numpy as np
@@ -64,7 +64,16 @@ class ClassifierConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ClassifierConfig:
-        return cls(**{**data, "conv_channels": tuple(data["conv_channels"])})
+        """From ``to_dict`` output or a partial dict of overrides (a missing key keeps its default).
+
+        Raises:
+            ConfigError: unknown keys.
+        """
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown classify model fields {sorted(unknown)}; use ClassifierConfig fields "
+                              f"{sorted(f.name for f in fields(cls))}.")
+        return cls(**data)  # __post_init__ makes conv_channels a tuple
 
 
 def build_classifier(cfg: ClassifierConfig) -> keras.Model:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -106,12 +106,12 @@ def _build(spec: TrainSpec, num_bins: int, vocab_or_classes):
     if spec.family == "classify":
         from audiopipe.models.classifier import ClassifierConfig, build_classifier, classifier_loss
 
-        unknown = set(spec.model_overrides) - {f.name for f in fields(ClassifierConfig)} | (
-            {"n_mels", "n_classes"} & set(spec.model_overrides))
-        if unknown:
-            raise ConfigError(f"unknown classify model overrides {sorted(unknown)}; use ClassifierConfig fields "
-                              "(n_mels and n_classes come from the features and the labels).")
-        cfg = ClassifierConfig(**{"n_mels": num_bins, "n_classes": len(vocab_or_classes), **spec.model_overrides})
+        fixed = sorted({"n_mels", "n_classes"} & set(spec.model_overrides))
+        if fixed:
+            raise ConfigError(f"classify model overrides {fixed} cannot be set: they come from the features "
+                              "and the labels.")
+        cfg = ClassifierConfig.from_dict({"n_mels": num_bins, "n_classes": len(vocab_or_classes),
+                                          **spec.model_overrides})
         model = build_classifier(cfg)
         model.compile(keras.optimizers.Adam(spec.learning_rate), loss=classifier_loss(), metrics=["accuracy"])
         return model, cfg
@@ -402,15 +402,16 @@ def transcript_html(reference: str, hypothesis: str) -> str:
 
     from audiopipe.models.metrics import cer, char_alignment
 
+    css = {"substitute": "sub", "delete": "del", "insert": "ins"}
+
     def span(kind: str, text: str) -> str:
         text = html.escape(text)
-        return text if kind == "equal" else f"<span class='{kind[:3]}'>{text}</span>"  # sub, del, ins
+        return f"<span class='{css[kind]}'>{text}</span>" if kind in css else text
 
+    if not reference:  # jiwer aligns nothing against an empty reference
+        return f"<p class='tx'>ref: \nhyp: {span('insert', hypothesis)}   (empty reference)</p>"
     ref = hyp = ""
-    for chunk in char_alignment(reference, hypothesis) if reference else ():
+    for chunk in char_alignment(reference, hypothesis):
         ref += span(chunk.kind, chunk.reference) if chunk.kind != "insert" else ""
-        hyp += span(chunk.kind, chunk.hypothesis if chunk.kind != "delete" else chunk.reference)
-    if not reference:
-        hyp = span("insert", hypothesis)
-    rate = f"CER {cer([reference], [hypothesis]):.0%}" if reference else "empty reference"
-    return f"<p class='tx'>ref: {ref}\nhyp: {hyp}   ({rate})</p>"
+        hyp += span(chunk.kind, chunk.reference if chunk.kind == "delete" else chunk.hypothesis)
+    return f"<p class='tx'>ref: {ref}\nhyp: {hyp}   (CER {cer([reference], [hypothesis]):.0%})</p>"

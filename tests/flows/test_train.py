@@ -88,7 +88,7 @@ def test_classifier_trains_registers_and_resumes(sounds, tmp_path, prefect_api, 
     base = ["train", "classify", "--features", str(tmp_path / "feat"), "--registry", str(tmp_path / "reg"),
             "--labels", str(sounds / "corpus" / "labels" / "labels.parquet"), "--epochs", "1"]
     env = {"COLUMNS": "200", "NO_COLOR": "1", "AUDIOPIPE_WORK_DIR": str(tmp_path / "work")}
-    for config, needle in (("[16]", "must be a JSON object"), ('{"lstm_unitz": 8}', "overrides ['lstm_unitz']")):
+    for config, needle in (("[16]", "must be a JSON object"), ('{"lstm_unitz": 8}', "fields ['lstm_unitz']")):
         result = CliRunner().invoke(app, base + ["--model-config", config], env=env)
         assert result.exit_code == 2 and needle in " ".join(result.output.split()), result.output
     assert registry.list_versions("classify") == [1]

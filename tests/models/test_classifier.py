@@ -93,6 +93,10 @@ def test_bad_configs_are_refused(bad):
 
 def test_config_dict_round_trip():
     assert clf.ClassifierConfig.from_dict(TINY.to_dict()) == TINY
+    partial = clf.ClassifierConfig.from_dict({"n_classes": 3, "conv_channels": [8]})  # defaults for the rest
+    assert partial.conv_channels == (8,) and partial.lstm_units == clf.ClassifierConfig().lstm_units
+    with pytest.raises(ConfigError, match=r"fields \['lstm_unitz'\]"):
+        clf.ClassifierConfig.from_dict({"lstm_unitz": 8})
 
 
 def test_metrics_by_hand():

@@ -102,3 +102,13 @@ def test_transcript_html_marks_each_character_error():
     assert transcript_html("a<b", "a<b").count("span") == 0 and "a&lt;b" in transcript_html("a<b", "a<b")
     assert "<span class='del'>the cat</span>" in transcript_html("the cat", "")
     assert "empty reference" in transcript_html("", "x")
+
+
+def test_classify_overrides_may_not_set_what_the_data_fixes():
+    from audiopipe.tasks.training import _build
+
+    spec = TrainSpec("classify", "f", "l", "r", "0" * 12, model_overrides={"n_classes": 3, "lstm_units": 8})
+    with pytest.raises(ConfigError, match=r"\['n_classes'\] cannot be set"):
+        _build(spec, 80, ["a", "b"])
+    model, cfg = _build(TrainSpec("classify", "f", "l", "r", "0" * 12, model_overrides={"lstm_units": 8}), 80, ["a", "b"])
+    assert (cfg.n_mels, cfg.n_classes, cfg.lstm_units) == (80, 2, 8) and model.output_shape[-1] == 2
