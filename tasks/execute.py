@@ -28,8 +28,8 @@ from audiopipe.tasks.audio_io import AudioInfo, num_segments
 from audiopipe.tasks.extract import ItemResult, SourceFile, WorkItem, featurize_item, probe_item, us_to_datetime
 from audiopipe.tasks.features import FeatureConfig
 from audiopipe.tasks.progress import ProgressEvent, report
-from audiopipe.tasks.shards import FeaturePartWriter, OutputLayout, ShardPlan, manifest_table, now_utc, \
-    write_table_atomic
+from audiopipe.tasks.shards import (FeaturePartWriter, OutputLayout, ShardPlan, commit_intent, manifest_table,
+                                   now_utc, write_table_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -228,12 +228,18 @@ def run_shard(client: Client, plan: ShardPlan, cfg: FeatureConfig, storage: Stor
                     _absorb_and_report(states[item.source.url], result, writer)
         drop = {url for url, s in states.items() if s.reason is not None}
         part = layout.features_part(plan.shard_id)
-        num_rows = writer.publish(fs, part, drop) if any(s.reason is None for s in states.values()) else 0
+        with commit_intent(fs, layout, plan.shard_id) as published:  # other runs' reconcile keeps the part
+            num_rows = 0
+            if any(s.reason is None for s in states.values()):
+                num_rows = writer.publish(fs, part, drop)
+                published.append(part)
+            else:
+                writer.discard()
+            rows = [_manifest_row(s, cfg, layout.relative(part) if num_rows else None) for s in states.values()]
+            write_table_atomic(fs, layout.manifest_part(plan.shard_id), manifest_table(rows))
     except BaseException:
         writer.discard()
         raise
-    rows = [_manifest_row(s, cfg, layout.relative(part) if num_rows else None) for s in states.values()]
-    write_table_atomic(fs, layout.manifest_part(plan.shard_id), manifest_table(rows))
     return _shard_result(plan, states, num_rows, time.perf_counter() - started)
 
 

@@ -33,7 +33,7 @@ from audiopipe.tasks.infer import InferItem, InferOutput, InferSpec, infer_item
 from audiopipe.tasks.infer_layout import (ResultLayout, class_rows, relative_source, stem_rows, table_of,
                                           transcript_rows)
 from audiopipe.tasks.progress import ProgressEvent, report
-from audiopipe.tasks.shards import ShardPlan, manifest_table, now_utc, write_table_atomic
+from audiopipe.tasks.shards import ShardPlan, commit_intent, manifest_table, now_utc, write_table_atomic
 
 log = logging.getLogger(__name__)
 
@@ -209,12 +209,15 @@ def _commit(plan: ShardPlan, states: dict[str, _State], spec: InferSpec, storage
         except ValueError as exc:  # e.g. a recording whose windows produced nothing usable
             state.reason = f"processing failed: {exc}"
     shard_rel = None
-    for table, table_rows in rows.items():
-        write_table_atomic(fs, layout.part(table, plan.shard_id), table_of(spec.task, table, table_rows))
-        shard_rel = shard_rel or layout.relative(layout.part(table, plan.shard_id))
-        result.num_rows += len(table_rows) if table != "recordings" else 0
-    manifest = [_manifest_row(s, spec, counts.get(url, 0), shard_rel) for url, s in states.items()]
-    write_table_atomic(fs, layout.manifest_part(plan.shard_id), manifest_table(manifest))
+    with commit_intent(fs, layout, plan.shard_id) as published:  # other runs' reconcile keeps the parts
+        for table, table_rows in rows.items():
+            part = layout.part(table, plan.shard_id)
+            write_table_atomic(fs, part, table_of(spec.task, table, table_rows))
+            published.append(part)
+            shard_rel = shard_rel or layout.relative(part)
+            result.num_rows += len(table_rows) if table != "recordings" else 0
+        manifest = [_manifest_row(s, spec, counts.get(url, 0), shard_rel) for url, s in states.items()]
+        write_table_atomic(fs, layout.manifest_part(plan.shard_id), manifest_table(manifest))
     result.timings["write_s"] += time.perf_counter() - t0
     for state in states.values():
         if state.reason is None:

@@ -6,10 +6,15 @@ Layout under the output URL (contract: ``docs/data-contracts.md``)::
     features/config=<hash>/part-<shard>.parquet      FEATURES_V1 rows
     manifest/config=<hash>/part-<shard>.parquet      MANIFEST_V1 rows: the commit record of a shard
 
-A shard is committed when its manifest part exists: the features part is published first (atomically),
-then the manifest part. A features part without a manifest part is an orphan of a killed run and is
-deleted by ``reconcile``; a source with several manifest rows (it changed and was redone) keeps only
-its newest row, and the older parts are rewritten without it. Nothing here imports Prefect or Dask.
+    manifest/config=<hash>/_inflight/<shard>.json   a commit intent: this shard's parts are being published
+
+A shard is committed when its manifest part exists. A run first writes a commit intent (holder, expiry),
+then publishes the features part (atomically), then the manifest part, then removes the intent. A features
+part without a manifest part is an orphan of a killed run and is deleted by ``reconcile`` -- unless a live
+intent says another run is between its two writes (several runs may share one output: a nightly schedule
+and a manual rerun). An intent past its expiry belongs to a dead run. A source with several manifest rows
+(it changed and was redone) keeps only its newest row, and the older parts are rewritten without it.
+Nothing here imports Prefect or Dask.
 """
 
 from __future__ import annotations
@@ -19,15 +24,20 @@ import io
 import json
 import logging
 import os
+import socket
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
+import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from audiopipe.infra.errors import TransientStorageError
 from audiopipe.infra.schemas import CONTRACT_VERSION, FEATURES_V1, MANIFEST_V1, validate_table
 from audiopipe.infra.storage import join, put_file_atomic, write_bytes_atomic
 from audiopipe.tasks.extract import SourceFile
@@ -42,6 +52,9 @@ FEATURE_ROW_GROUP_BYTES = 32 * 1024 * 1024
 # runs as fast as none and DuckDB, Polars and pyarrow all read it.
 FEATURE_COMPRESSION = "lz4"
 _META_COLUMNS = ["source", "segment", "start_s", "duration_s", "n_frames", "config_hash"]
+# How long a commit intent protects a published-but-uncommitted part. Publishing one part and writing one
+# small manifest part takes seconds; an intent this old belongs to a run that died between the two writes.
+COMMIT_INTENT_TTL_S = 30 * 60
 
 
 @dataclass(frozen=True)
@@ -222,23 +235,104 @@ def read_manifest(fs, layout: OutputLayout, columns: list[str] | None = None) ->
 
 
 def reconcile(fs, layout: OutputLayout) -> dict[str, int]:
-    """Repair what a killed run or a changed input left: orphan feature parts, superseded manifest rows.
+    """Repair what a killed run or a changed input left: orphan data parts, superseded manifest rows.
 
-    Idempotent; safe to call at the start and end of every run (single writer per partition).
+    Idempotent; safe to call at the start and end of every run, also while other runs write the same
+    output: a data part is deleted only when no live commit intent covers it and its manifest part is
+    still absent after that check (the order matters: a run writes its intent before the data part and
+    removes it after the manifest part, so "part seen, no intent, no manifest" means nobody commits it).
     Returns counts: ``orphans_deleted``, ``rows_superseded``.
     """
     manifest_ids = _part_ids(fs, layout.manifest_dir)
-    orphans = [p for folder in layout.data_dirs for sid, p in _part_ids(fs, folder).items()
-               if sid not in manifest_ids]
-    for path in orphans:
-        log.warning("deleting orphan part %s (no manifest part: a run was killed)", path)
-        fs.rm_file(path)
+    candidates = [(sid, p) for folder in layout.data_dirs for sid, p in _part_ids(fs, folder).items()
+                  if sid not in manifest_ids]
+    deleted = 0
+    for shard_id, path in candidates:
+        holder = live_intent(fs, layout, shard_id)
+        if holder is not None:
+            log.info("keeping uncommitted part %s: %s is committing it", path, holder)
+            continue
+        if fs.exists(layout.manifest_part(shard_id)):  # committed since the listing above
+            continue
+        log.warning("deleting orphan part %s (no manifest part and no live commit intent: a run was killed)", path)
+        _rm_if_exists(fs, path)
+        deleted += 1
     manifest = read_manifest(fs, layout, ["source", "shard", "processed_at"])
     superseded = _superseded(manifest)
     if superseded:
         for shard_id, path in manifest_ids.items():
             _drop_superseded(fs, layout, shard_id, path, superseded)
-    return {"orphans_deleted": len(orphans), "rows_superseded": len(superseded)}
+    return {"orphans_deleted": deleted, "rows_superseded": len(superseded)}
+
+
+def intent_path(layout, shard_id: str) -> str:
+    """Where a run announces that it is publishing ``shard_id``'s parts (a ``_`` folder: readers skip it)."""
+    return join(layout.manifest_dir, "_inflight", f"{shard_id}.json")
+
+
+@contextmanager
+def commit_intent(fs, layout, shard_id: str, ttl_s: float = COMMIT_INTENT_TTL_S) -> Iterator[list[str]]:
+    """Hold a commit intent for ``shard_id`` while its data parts and manifest part are written.
+
+    Yields a list for the caller to append each data part it publishes. On a clean exit, checks that
+    those parts still exist (a ``reconcile`` that raced past the intent, e.g. an older audiopipe's, could
+    have removed one); if not, withdraws the manifest part and raises ``TransientStorageError``, so the
+    shard is redone instead of committing rows that point nowhere. The intent is removed whatever
+    happens; one left by a killed run expires after ``ttl_s``.
+    """
+    path = intent_path(layout, shard_id)
+    now = now_utc()
+    body = {"shard": shard_id, "holder": f"{socket.gethostname()}:{os.getpid()}", "host": socket.gethostname(),
+            "pid": os.getpid(), "pid_started": _process_started(os.getpid()),
+            "started_at": now.isoformat(), "expires_at": (now + timedelta(seconds=ttl_s)).isoformat()}
+    write_bytes_atomic(fs, path, json.dumps(body).encode())
+    published: list[str] = []
+    try:
+        yield published
+        missing = [p for p in published if not fs.exists(p)]
+        if missing:
+            _rm_if_exists(fs, layout.manifest_part(shard_id))
+            raise TransientStorageError(f"part {missing[0]} vanished before its commit "
+                                        "(removed by another run); the shard is redone")
+    finally:
+        _rm_if_exists(fs, path)
+
+
+def live_intent(fs, layout, shard_id: str) -> str | None:
+    """The holder of a live commit intent for ``shard_id``, or None.
+
+    An intent is dead when it has expired, or when its holder ran on this host and that process is gone
+    (a killed run on the same machine is cleaned up at once instead of after the expiry).
+    """
+    try:
+        body = json.loads(fs.cat_file(intent_path(layout, shard_id)))
+        expires = datetime.fromisoformat(body["expires_at"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        log.warning("ignoring unreadable commit intent %s", intent_path(layout, shard_id))
+        return None
+    if expires <= now_utc():
+        return None
+    if body.get("host") == socket.gethostname() and body.get("pid") is not None \
+            and _process_started(int(body["pid"])) != body.get("pid_started"):
+        return None  # its process died (or the pid now belongs to another process)
+    return f"{body.get('holder', 'another run')} (since {body.get('started_at')})"
+
+
+def _process_started(pid: int) -> float | None:
+    """The start time of process ``pid`` (None when there is none): a pid plus this names one process."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def _rm_if_exists(fs, path: str) -> None:
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
 
 
 def _drop_superseded(fs, layout: OutputLayout, shard_id: str, path: str, superseded: set[str]) -> None:

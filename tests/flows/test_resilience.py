@@ -132,9 +132,9 @@ def test_killed_worker_loses_and_doubles_nothing(tmp_path, own_cluster, prefect_
         manifest_dir = tmp_path / "out" / "manifest" / f"config={cfg.config_hash}"
 
         def kill_when_first_shard_commits() -> None:
-            wait_for(lambda: manifest_dir.exists() and any(manifest_dir.iterdir()), 120, "first shard")
+            wait_for(lambda: any(manifest_dir.glob("part-*.parquet")), 120, "first shard")
             os.kill(pids[0], signal.SIGKILL)
-            killed.append(len(list(manifest_dir.iterdir())))
+            killed.append(len(list(manifest_dir.glob("part-*.parquet"))))
 
         killed: list[int] = []
         killer = threading.Thread(target=kill_when_first_shard_commits)
@@ -232,9 +232,9 @@ def test_killed_run_resumes_exactly_once(tmp_path, prefect_api, sig):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
-        wait_for(lambda: manifest_dir.exists() and any(manifest_dir.iterdir()), 180, "first shard")
+        wait_for(lambda: any(manifest_dir.glob("part-*.parquet")), 180, "first shard")
         os.killpg(proc.pid, sig)
-        committed_at_kill = len(list(manifest_dir.iterdir()))
+        committed_at_kill = len(list(manifest_dir.glob("part-*.parquet")))
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import random
+import socket
 from datetime import datetime, timedelta, timezone
 
 import fsspec
@@ -14,13 +15,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from audiopipe.infra.errors import SchemaError
+from audiopipe.infra.errors import SchemaError, TransientStorageError
 from audiopipe.infra.schemas import FEATURES_V1, MANIFEST_V1, validate_table
+from audiopipe.infra.storage import write_bytes_atomic
 from audiopipe.tasks.extract import SourceFile, feature_batch, features_to_numpy
 from audiopipe.tasks.features import FeatureConfig
 from audiopipe.tasks.shards import (
     FeaturePartWriter,
     OutputLayout,
+    commit_intent,
+    intent_path,
+    live_intent,
     manifest_table,
     plan_shards,
     read_manifest,
@@ -303,6 +308,70 @@ def test_reconcile_twice_is_idempotent(out):
     assert first == {"orphans_deleted": 1, "rows_superseded": 1}
     assert second == {"orphans_deleted": 0, "rows_superseded": 0}
     assert _snapshot(fs, layout.root) == after_first
+
+
+def test_reconcile_keeps_a_part_another_run_is_committing(out):
+    """Run A published its features part and holds its intent; run B's reconcile must not delete the part."""
+    fs, layout = out
+    with commit_intent(fs, layout, "live") as published:
+        _commit(fs, layout, "live", ["u://a"], None)  # between A's two writes
+        published.append(layout.features_part("live"))
+        assert live_intent(fs, layout, "live").startswith(f"{socket.gethostname()}:{os.getpid()}")
+        assert reconcile(fs, layout) == {"orphans_deleted": 0, "rows_superseded": 0}  # run B starts here
+        assert fs.exists(layout.features_part("live"))
+        write_table_atomic(fs, layout.manifest_part("live"), manifest_table([_manifest_row("u://a", "live", T0)]))
+    assert not fs.exists(intent_path(layout, "live"))  # released after the commit
+    assert reconcile(fs, layout) == {"orphans_deleted": 0, "rows_superseded": 0}
+    assert _read(fs, layout.features_part("live")).column("source").to_pylist() == ["u://a", "u://a"]
+
+
+def test_expired_intent_of_a_killed_run_does_not_protect_its_orphan(out):
+    fs, layout = out
+    write_bytes_atomic(fs, intent_path(layout, "dead"), json.dumps(
+        {"holder": "gone:1", "started_at": T0.isoformat(), "expires_at": T0.isoformat()}).encode())
+    _commit(fs, layout, "dead", ["u://a"], None)
+
+    assert live_intent(fs, layout, "dead") is None
+    assert reconcile(fs, layout)["orphans_deleted"] == 1
+    assert not fs.exists(layout.features_part("dead"))
+
+
+def test_intent_of_a_dead_process_on_this_host_does_not_protect_its_orphan(out):
+    """A run killed on this machine (SIGKILL: no cleanup) is recognised at once, not after the expiry."""
+    import subprocess
+    import sys
+
+    fs, layout = out
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    write_bytes_atomic(fs, intent_path(layout, "killed"), json.dumps(
+        {"holder": f"{socket.gethostname()}:{pid}", "host": socket.gethostname(), "pid": pid, "pid_started": 1.0,
+         "started_at": T0.isoformat(), "expires_at": (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()}
+    ).encode())
+    _commit(fs, layout, "killed", ["u://a"], None)
+
+    assert live_intent(fs, layout, "killed") is None
+    assert reconcile(fs, layout)["orphans_deleted"] == 1
+
+
+def test_intent_is_released_when_the_commit_fails(out):
+    fs, layout = out
+    with pytest.raises(RuntimeError), commit_intent(fs, layout, "boom"):
+        raise RuntimeError("store went away")
+    assert not fs.exists(intent_path(layout, "boom"))
+
+
+def test_commit_whose_part_vanished_is_withdrawn_and_retried(out):
+    """A reconcile that ignores intents (an older audiopipe) deletes the part: the commit must not stand."""
+    fs, layout = out
+    with pytest.raises(TransientStorageError, match="vanished"), \
+            commit_intent(fs, layout, "raced") as published:
+        _commit(fs, layout, "raced", ["u://a"], None)
+        published.append(layout.features_part("raced"))
+        fs.rm_file(layout.features_part("raced"))  # the other run's delete lands here
+        write_table_atomic(fs, layout.manifest_part("raced"), manifest_table([_manifest_row("u://a", "raced", T0)]))
+    assert not fs.exists(layout.manifest_part("raced"))  # no ok row points at a missing part
+    assert read_manifest(fs, layout).num_rows == 0
 
 
 def test_reconcile_on_empty_output(out):
