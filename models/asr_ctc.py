@@ -9,15 +9,16 @@ length or the row's own length and get the same answer.
 
 Pipeline: normalisation (training statistics stored in the model) -> SpecAugment (training only) ->
 front end that divides time by ``subsample * upsample`` (2-D conv blocks, or frame stacking) ->
-``lstm_layers`` x BiLSTM -> dense logits, ``upsample`` output frames per step. Decoding: ``greedy_decode``;
-``beam_search_decode`` (CTC prefix beam search with an optional character n-gram LM, ``CharNgramLM``, and
-an optional ``Lexicon``).
+``lstm_layers`` x BiLSTM -> dense logits, ``upsample`` output frames per step. Decoding lives in
+``models.ctc_decode`` (numpy only) and is re-exported here: ``greedy_decode``, ``beam_search_decode`` and
+``BeamDecoder`` (CTC prefix beam search with an optional character n-gram LM, ``CharNgramLM``, and an
+optional ``Lexicon``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 import keras
@@ -28,12 +29,10 @@ from audiopipe.infra.errors import ConfigError
 from audiopipe.models.layers import (PACKAGE, BlankPadding, FeatureNormalization, FrameSplit, FrameStack,
                                      LengthMask, SequenceMask, SpecAugment, lstm)
 
-DEFAULT_VOCAB = " 'abcdefghijklmnopqrstuvwxyz"
-BLANK = 0
+from audiopipe.models.ctc_decode import (_BOS, _EOS, BLANK, DEFAULT_VOCAB, PRUNE_LOGP, BeamDecoder,  # noqa: F401
+                                         CharNgramLM, Lexicon, beam_search_decode, decode_ids, greedy_decode)
+
 FRONTENDS = ("conv2d", "stack")
-# A character this much less likely than the frame's best is not expanded by the beam search.
-PRUNE_LOGP = math.log(1e-3)
-_BOS, _EOS = "\x02", "\x03"
 
 
 @dataclass(frozen=True)
@@ -144,14 +143,6 @@ def encode_text(text: str, *, vocab: str = DEFAULT_VOCAB) -> np.ndarray:
     return np.fromiter((index[ch] for ch in text), dtype=np.int32, count=len(text))
 
 
-def decode_ids(ids: Iterable[int], *, vocab: str = DEFAULT_VOCAB) -> str:
-    """Label ids -> text; blanks (0) and the -1 padding of ``keras.ops.ctc_decode`` are skipped.
-
-    Repeats are kept: this is not CTC collapsing (``greedy_decode`` does that).
-    """
-    return "".join(vocab[i - 1] for i in ids if i > BLANK)
-
-
 def encode_batch(texts: Sequence[str], *, vocab: str = DEFAULT_VOCAB) -> tuple[np.ndarray, np.ndarray]:
     """Texts -> (int32 ``(batch, max_len)`` labels zero-padded, int32 ``(batch,)`` label lengths)."""
     encoded = [encode_text(t, vocab=vocab) for t in texts]
@@ -239,199 +230,3 @@ class CtcLoss(keras.losses.Loss):
         label_lengths = ops.sum(ops.cast(labels != BLANK, "int32"), axis=-1)
         logit_lengths = ops.full((ops.shape(y_pred)[0],), ops.shape(y_pred)[1], dtype="int32")
         return ctc_loss(labels, y_pred, label_lengths, logit_lengths)
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    logits = np.asarray(logits, dtype=np.float64)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def greedy_decode(logits: np.ndarray, lengths: np.ndarray, *, vocab: str = DEFAULT_VOCAB) -> list[str]:
-    """Best path: argmax per frame up to each row's length, merge repeats, drop blanks.
-
-    Args:
-        logits: ``(batch, frames, len(vocab) + 1)`` (logits or probabilities, argmax is the same).
-        lengths: int ``(batch,)`` in output frames.
-    """
-    best = np.asarray(logits).argmax(axis=-1)
-    texts = []
-    for row, length in zip(best, np.asarray(lengths)):
-        path = row[:int(length)]
-        keep = np.ones(len(path), dtype=bool)
-        keep[1:] = path[1:] != path[:-1]
-        texts.append(decode_ids(path[keep], vocab=vocab))
-    return texts
-
-
-class CharNgramLM:
-    """Character n-gram language model with add-k smoothing over ``vocab`` plus an end-of-sentence event.
-
-    ``P(c | h) = (count(h, c) + k) / (count(h) + k * (len(vocab) + 1))`` with ``h`` the previous
-    ``order - 1`` characters (sentence start padded). Built with ``fit``; ``to_dict``/``from_dict`` give
-    a JSON-able form to ship beside the model.
-    """
-
-    EOS = _EOS
-
-    def __init__(self, *, order: int, k: float, vocab: str, counts: dict[str, dict[str, int]]):
-        if order < 1 or k <= 0:
-            raise ConfigError(f"CharNgramLM needs order >= 1 and k > 0, got order={order}, k={k}")
-        self.order, self.k, self.vocab, self.counts = order, float(k), vocab, counts
-        num_events = len(vocab) + 1
-        self._uniform = -math.log(num_events)
-        self._table: dict[str, tuple[dict[str, float], float]] = {}
-        for context, nexts in counts.items():
-            denom = math.log(sum(nexts.values()) + self.k * num_events)
-            self._table[context] = ({c: math.log(n + self.k) - denom for c, n in nexts.items()},
-                                    math.log(self.k) - denom)
-
-    @classmethod
-    def fit(cls, texts: Iterable[str], *, order: int = 4, k: float = 0.05,
-            vocab: str = DEFAULT_VOCAB) -> CharNgramLM:
-        """Count n-grams over ``texts`` (each one sentence, characters from ``vocab``)."""
-        counts: dict[str, dict[str, int]] = {}
-        for text in texts:
-            encode_text(text, vocab=vocab)
-            padded = _BOS * (order - 1) + text + _EOS
-            for i in range(order - 1, len(padded)):
-                nexts = counts.setdefault(padded[i - order + 1:i], {})
-                nexts[padded[i]] = nexts.get(padded[i], 0) + 1
-        return cls(order=order, k=k, vocab=vocab, counts=counts)
-
-    def log_prob(self, context: str, char: str) -> float:
-        """Natural-log ``P(char | context)``; ``char`` may be ``CharNgramLM.EOS`` for the sentence end."""
-        h = (_BOS * (self.order - 1) + context)[-(self.order - 1):] if self.order > 1 else ""
-        entry = self._table.get(h)
-        if entry is None:
-            return self._uniform
-        return entry[0].get(char, entry[1])
-
-    def score(self, text: str) -> float:
-        """Natural-log probability of the whole sentence, end included."""
-        return sum(self.log_prob(text[:i], ch) for i, ch in enumerate(text + _EOS))
-
-    def to_dict(self) -> dict:
-        return {"order": self.order, "k": self.k, "vocab": self.vocab, "counts": self.counts}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> CharNgramLM:
-        return cls(**data)
-
-
-class Lexicon:
-    """Allowed words for beam search: every word the output contains must be one of them."""
-
-    def __init__(self, words: Iterable[str]):
-        self.words = frozenset(w for w in words if w)
-        self.prefixes = frozenset(w[:i] for w in self.words for i in range(len(w) + 1))
-
-    @classmethod
-    def from_texts(cls, texts: Iterable[str]) -> Lexicon:
-        return cls(word for text in texts for word in text.split(" "))
-
-
-def beam_search_decode(logits: np.ndarray, lengths: np.ndarray, *, beam_width: int = 16,
-                       vocab: str = DEFAULT_VOCAB, lm: CharNgramLM | None = None, lm_weight: float = 0.5,
-                       insertion_bonus: float = 0.0, lexicon: Lexicon | None = None) -> list[str]:
-    """CTC prefix beam search with shallow fusion of a character LM and an optional lexicon.
-
-    A prefix scores ``log P_ctc(prefix) + lm_weight * log P_lm(prefix) + insertion_bonus * len(prefix)``;
-    the bonus offsets the LM's pull towards short outputs. With a lexicon, a partial word must be the
-    prefix of a lexicon word and every completed word must be one.
-
-    Args:
-        logits: float ``(batch, frames, len(vocab) + 1)`` unnormalised, blank at 0.
-        lengths: int ``(batch,)`` in output frames.
-        beam_width: Prefixes kept after each frame.
-
-    Returns:
-        The best text per row.
-    """
-    if beam_width < 1:
-        raise ConfigError(f"beam_width must be >= 1, got {beam_width}")
-    log_probs = _log_softmax(logits)
-    return [_prefix_beam_search(lp[:int(n)], beam_width=beam_width, vocab=vocab, lm=lm, lm_weight=lm_weight,
-                                bonus=insertion_bonus, lexicon=lexicon)
-            for lp, n in zip(log_probs, np.asarray(lengths))]
-
-
-@dataclass(frozen=True)
-class BeamDecoder:
-    """A configured ``beam_search_decode``: call it like ``greedy_decode`` (logits, lengths) -> texts.
-
-    The defaults are the setting ``benchmarks/quality.py`` chose on validation speech for its best model
-    (see docs/benchmarks.md: char 6-gram LM fitted on the text source's training sentences, weight 0.3,
-    insertion bonus 1.5, no lexicon); tune them on your own validation set.
-    """
-
-    beam_width: int = 8
-    lm: CharNgramLM | None = None
-    lm_weight: float = 0.3
-    insertion_bonus: float = 1.5
-    lexicon: Lexicon | None = None
-    vocab: str = DEFAULT_VOCAB
-
-    def __call__(self, logits: np.ndarray, lengths: np.ndarray) -> list[str]:
-        return beam_search_decode(logits, lengths, beam_width=self.beam_width, vocab=self.vocab, lm=self.lm,
-                                  lm_weight=self.lm_weight, insertion_bonus=self.insertion_bonus,
-                                  lexicon=self.lexicon)
-
-    def describe(self) -> str:
-        lm = f"char {self.lm.order}-gram LM x{self.lm_weight}" if self.lm else "no LM"
-        return (f"beam {self.beam_width}, {lm}, insertion bonus {self.insertion_bonus}, "
-                f"{f'lexicon of {len(self.lexicon.words)} words' if self.lexicon else 'no lexicon'}")
-
-
-def _allowed(prefix: str, lexicon: Lexicon | None, *, final: bool = False) -> bool:
-    if lexicon is None:
-        return True
-    words = prefix.split(" ")
-    if any(w not in lexicon.words for w in words[:-1]):
-        return False
-    return words[-1] in lexicon.words or (words[-1] == "" and prefix == "") if final \
-        else words[-1] in lexicon.prefixes
-
-
-def _logadd(a: float, b: float) -> float:
-    if a < b:
-        a, b = b, a
-    return a if b == -math.inf else a + math.log1p(math.exp(b - a))
-
-
-def _prefix_beam_search(log_probs: np.ndarray, *, beam_width: int, vocab: str, lm: CharNgramLM | None,
-                        lm_weight: float, bonus: float, lexicon: Lexicon | None) -> str:
-    neg_inf = -math.inf
-    beams: dict[str, tuple[float, float]] = {"": (0.0, neg_inf)}  # prefix -> (log p ending blank, non-blank)
-    extra: dict[str, float] = {"": 0.0}  # prefix -> LM and insertion score
-    for frame_np in log_probs:
-        candidates = [int(c) for c in np.flatnonzero(frame_np >= frame_np.max() + PRUNE_LOGP) if c != BLANK]
-        frame = frame_np.tolist()  # Python floats: scalar math on numpy scalars is several times slower
-        nxt: dict[str, list[float]] = {}
-        for prefix, (p_b, p_nb) in beams.items():
-            total = _logadd(p_b, p_nb)
-            entry = nxt.setdefault(prefix, [neg_inf, neg_inf])
-            entry[0] = _logadd(entry[0], total + frame[BLANK])
-            for c in candidates:
-                ch, p = vocab[c - 1], frame[c]
-                if prefix and prefix[-1] == ch:  # a repeat without a blank between collapses
-                    entry[1] = _logadd(entry[1], p_nb + p)
-                    from_score = p_b + p
-                else:
-                    from_score = total + p
-                new = prefix + ch
-                if new not in extra:
-                    if not _allowed(new, lexicon):
-                        continue
-                    extra[new] = extra[prefix] + bonus + (lm_weight * lm.log_prob(prefix, ch) if lm else 0.0)
-                new_entry = nxt.setdefault(new, [neg_inf, neg_inf])
-                new_entry[1] = _logadd(new_entry[1], from_score)
-        ranked = sorted(nxt.items(), key=lambda kv: _logadd(*kv[1]) + extra[kv[0]], reverse=True)
-        beams = {prefix: (pb, pnb) for prefix, (pb, pnb) in ranked[:beam_width]}
-
-    def final_score(prefix: str) -> float:
-        end = lm_weight * lm.log_prob(prefix, _EOS) if lm else 0.0
-        return _logadd(*beams[prefix]) + extra[prefix] + end
-
-    finished = [p for p in beams if _allowed(p, lexicon, final=True)] or list(beams)
-    return max(finished, key=final_score)

@@ -1,9 +1,12 @@
 """Models: CTC frame outputs -> timed words and segments, and the files people read (JSON lines, SRT).
 
-In: per output frame of a recording, the best class id and its probability (``frame_outputs``), on a
-uniform time grid (``frame_s`` seconds a frame: hop x subsampling). Out: ``Segment`` objects with text,
-start/end seconds and a confidence, split at pauses. Greedy CTC: a character is emitted at the first frame
-of each run of one non-blank id; its time is that frame's. Pure numpy: nothing here imports Keras.
+In: per output frame of a recording, its log-probabilities (or, for greedy decoding, the best class id and
+its probability, ``frame_outputs``), on a uniform time grid (``frame_s`` seconds a frame: hop x
+subsampling). Out: ``Word``s and ``Segment`` objects with text, start/end seconds and a confidence, split
+at pauses. ``decode_words`` picks the labels (greedy best path, or a ``ctc_decode.BeamDecoder``) and aligns
+them: greedy emits a character at the first frame of each run of one non-blank id; beam search's
+characters sit at their label's most probable frame between the previous and the next character
+(``refine_emissions``). A character's confidence is its probability there. Pure numpy: no Keras here.
 """
 
 from __future__ import annotations
@@ -71,12 +74,56 @@ def words_from_frames(ids: np.ndarray, probs: np.ndarray, *, frame_s: float, voc
     ``1..len(vocab)``). Spaces separate words and are not part of them.
     """
     at = emissions(ids)
+    ids = np.asarray(ids)
+    return words_from_emissions(ids[at], at, np.asarray(probs)[at], frame_s=frame_s, vocab=vocab,
+                                offset_s=offset_s)
+
+
+def refine_emissions(log_probs: np.ndarray, labels: np.ndarray, frames: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Each label's most probable frame in ``[its frame, the next label's frame)`` and its probability there.
+
+    Args:
+        log_probs: float ``(frames, classes)``.
+        labels: int ``(n,)`` label ids; ``frames``: int ``(n,)`` strictly increasing (``ctc_decode.beam_search``).
+
+    Returns:
+        int64 frames ``(n,)`` and float32 probabilities ``(n,)``.
+    """
+    labels, frames = np.asarray(labels, np.int64), np.asarray(frames, np.int64)
+    stops = np.append(frames[1:], len(log_probs))
+    peaks = np.array([f + int(np.argmax(log_probs[f:max(f + 1, s), c])) for f, s, c in zip(frames, stops, labels)],
+                     dtype=np.int64)
+    return peaks, np.exp(log_probs[peaks, labels]).astype(np.float32) if len(peaks) else np.zeros(0, np.float32)
+
+
+def decode_words(log_probs: np.ndarray, *, frame_s: float, vocab: Sequence[str], offset_s: float = 0.0,
+                 decoder=None) -> list[Word]:
+    """Log-probabilities ``(frames, classes)`` of one recording -> timed words.
+
+    ``decoder``: a ``ctc_decode.BeamDecoder`` (its ``search`` picks the labels), or None for greedy.
+    """
+    log_probs = np.asarray(log_probs, dtype=np.float32)
+    if decoder is None:
+        ids = log_probs.argmax(axis=-1) if len(log_probs) else np.zeros(0, np.int64)
+        at = emissions(ids)
+        return words_from_emissions(ids[at], at, np.exp(log_probs[at, ids[at]]), frame_s=frame_s, vocab=vocab,
+                                    offset_s=offset_s)
+    labels, frames = decoder.search(log_probs)
+    frames, confidences = refine_emissions(log_probs, labels, frames)
+    return words_from_emissions(labels, frames, confidences, frame_s=frame_s, vocab=vocab, offset_s=offset_s)
+
+
+def words_from_emissions(labels: np.ndarray, frames: np.ndarray, confidences: np.ndarray, *, frame_s: float,
+                         vocab: Sequence[str], offset_s: float = 0.0) -> list[Word]:
+    """Emitted labels (ids ``1..len(vocab)``) at their frames -> words; spaces separate words."""
     words: list[Word] = []
     chars: list[str] = []
     first = last = 0
     confs: list[float] = []
-    for frame in at:
-        ch = vocab[int(ids[frame]) - 1]
+    for label, frame, conf in zip(np.asarray(labels).tolist(), np.asarray(frames).tolist(),
+                                  np.asarray(confidences, np.float64).tolist()):
+        ch = vocab[int(label) - 1]
         if ch == " ":
             if chars:
                 words.append(_word(chars, first, last, confs, frame_s, offset_s))
@@ -85,7 +132,7 @@ def words_from_frames(ids: np.ndarray, probs: np.ndarray, *, frame_s: float, voc
         if not chars:
             first = frame
         chars.append(ch)
-        confs.append(float(probs[frame]))
+        confs.append(conf)
         last = frame
     if chars:
         words.append(_word(chars, first, last, confs, frame_s, offset_s))
