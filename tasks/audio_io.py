@@ -20,14 +20,18 @@ import soxr
 
 from audiopipe.infra.errors import BadAudioError, TransientStorageError
 
+# Names discovery lists. Only a filter: every listed file is decoded by its content, whatever its extension
+# says (a WAV named .m4a is read as WAV). .m4a/.aac are listed so AAC files get a row ("unsupported format").
 AUDIO_EXTENSIONS = frozenset({".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc",
                               ".m4a", ".aac"})
-# libsndfile cannot decode AAC; these are accounted for (rejected with a reason), never silently skipped.
-UNSUPPORTED_EXTENSIONS = frozenset({".m4a", ".aac"})
 WHOLE_READ_MAX_BYTES = 32 * 1024 * 1024  # one GET below this; streamed with range reads above
 STREAM_BLOCK_BYTES = 8 * 1024 * 1024
 MAX_SEGMENT_BYTES = 1024 * 1024 * 1024  # channels x frames x 4 bytes of one decoded segment
 MIN_SAMPLE_RATE_HZ, MAX_SAMPLE_RATE_HZ = 1_000, 768_000
+# Channels mixed down to mono: 256 covers Dolby Atmos beds (128) and 15th-order ambisonics (256). Beyond that
+# (libsndfile itself opens up to 1024) a file is a microphone array or a corrupt header, not one recording.
+MAX_CHANNELS = 256
+LIBSNDFILE_MAX_CHANNELS = 1024
 # Declared vs decoded length: encoders' frame estimates (MP3 without a Xing header) may be off a little.
 TRUNCATION_TOLERANCE = 0.005
 # libsndfile's header log notes a data chunk longer than the file: "data : 96000 (should be 47978)" (WAV),
@@ -49,6 +53,17 @@ class AudioInfo:
     @property
     def duration_s(self) -> float:
         return self.frames / self.sample_rate
+
+
+class HeaderRejected(BadAudioError):
+    """A header that was read and refused; ``info`` keeps what it declared, for the manifest row."""
+
+    def __init__(self, message: str, info: AudioInfo) -> None:
+        super().__init__(message)
+        self.info = info
+
+    def __reduce__(self):
+        return type(self), (str(self), self.info)
 
 
 class _GuardedReader(io.RawIOBase):
@@ -116,31 +131,68 @@ def open_source(fs, path: str, size: int, *, stream: bool = False) -> io.IOBase:
 def probe(handle: io.IOBase) -> tuple[sf.SoundFile, AudioInfo]:
     """Open the decoder and check the header. The caller closes the returned ``SoundFile``.
 
+    The format comes from the content (libsndfile sniffs it), never from the file name.
+
     Raises:
-        BadAudioError: not audio, header only, truncated WAV, implausible rate or channel count.
+        HeaderRejected: a header that was read but is refused (implausible rate, too many channels,
+            truncated WAV/AIFF, no frames); its ``info`` holds what the header declared.
+        BadAudioError: content libsndfile cannot open (not audio, AAC, a header it refuses).
     """
     try:
         snd = sf.SoundFile(handle)
     except sf.LibsndfileError as exc:
         _raise_if_storage(handle, "opening")
-        raise BadAudioError(f"undecodable: {_decoder_message(exc)}") from None
+        raise BadAudioError(_unopenable_reason(handle, _decoder_message(exc))) from None
     except (RuntimeError, TypeError, ValueError) as exc:
         _raise_if_storage(handle, "opening")
-        raise BadAudioError(f"undecodable: {exc}") from None
+        raise BadAudioError(_unopenable_reason(handle, str(exc))) from None
     info = AudioInfo(snd.samplerate, snd.channels, snd.frames, snd.format, snd.subtype)
     try:
         _check_header(snd, info)
-    except BadAudioError:
+    except BadAudioError as exc:
         snd.close()
-        raise
+        raise HeaderRejected(str(exc), info) from None
     return snd, info
+
+
+def _unopenable_reason(handle: io.IOBase, decoder_says: str) -> str:
+    """Why libsndfile could not open the content: a named format it lacks, else what the decoder said."""
+    if "too many channels" in decoder_says.lower():
+        return (f"too many channels: the header declares more than {LIBSNDFILE_MAX_CHANNELS}, the most "
+                f"libsndfile decodes (audiopipe mixes at most {MAX_CHANNELS} down to mono)")
+    try:
+        handle.seek(0)
+        head = handle.read(12) or b""
+    except Exception:  # noqa: BLE001 - the sniff is only a better message; the decoder's stands without it
+        head = b""
+    _raise_if_storage(handle, "opening")
+    container = sniff_unsupported(head)
+    if container:
+        return f"unsupported format: {container}, which libsndfile cannot decode; convert to FLAC or WAV"
+    return f"undecodable: {decoder_says}"
+
+
+def sniff_unsupported(head: bytes) -> str | None:
+    """Name the audio format of ``head`` (a file's first bytes) when libsndfile has no decoder for it.
+
+    An MP4 file has an ``ftyp`` box at byte 4; raw AAC (ADTS) starts with a 12-bit sync word and layer
+    bits ``00``, which MPEG audio (MP3) never uses, so an MP3 is never taken for AAC.
+    """
+    if head[4:8] == b"ftyp":
+        return "an MP4/M4A container (AAC or ALAC audio)"
+    if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xF6 == 0xF0:
+        return "raw AAC (ADTS)"
+    return None
 
 
 def _check_header(snd: sf.SoundFile, info: AudioInfo) -> None:
     if not MIN_SAMPLE_RATE_HZ <= info.sample_rate <= MAX_SAMPLE_RATE_HZ:
         raise BadAudioError(f"bad header: implausible sample rate {info.sample_rate} Hz")
-    if info.channels < 1 or info.channels > 1024:
+    if info.channels < 1:
         raise BadAudioError(f"bad header: implausible channel count {info.channels}")
+    if info.channels > MAX_CHANNELS:
+        raise BadAudioError(f"too many channels: the header declares {info.channels}; audiopipe mixes at most "
+                            f"{MAX_CHANNELS} down to mono (split the channels into separate files first)")
     short = _SHORT_CHUNK.search(snd.extra_info or "")
     if short and int(short.group(1)) not in _STREAMED_WAV_SIZES and int(short.group(2)) < int(short.group(1)):
         declared, present = int(short.group(1)), int(short.group(2))
@@ -153,7 +205,7 @@ def _check_header(snd: sf.SoundFile, info: AudioInfo) -> None:
 def _decoder_message(exc: sf.LibsndfileError) -> str:
     text = getattr(exc, "error_string", "") or str(exc)
     if "Format not recognised" in text or "not recognised" in text.lower():
-        return "not an audio format libsndfile recognises (wrong extension, or not audio at all)"
+        return "not an audio format libsndfile recognises (not audio at all, or a format it lacks)"
     return f"the decoder failed: {text.strip()}"
 
 
@@ -202,7 +254,8 @@ def iter_segments(handle: io.IOBase, snd: sf.SoundFile, info: AudioInfo, *, segm
     Times are of the source recording; the last segment may be shorter than ``segment_seconds``.
 
     Raises:
-        BadAudioError: NaN/Inf samples, a segment too large to decode, or fewer frames than declared.
+        BadAudioError: NaN/Inf samples (or finite ones that overflow when mixed down), a segment too large to
+            decode, or fewer frames than declared.
         TransientStorageError: when a streamed read fails underneath the decoder.
     """
     step = segment_frames(info, segment_seconds)
@@ -235,9 +288,18 @@ def iter_segments(handle: io.IOBase, snd: sf.SoundFile, info: AudioInfo, *, segm
             return
         mono = to_mono(block)
         if not np.isfinite(mono).all():
-            raise BadAudioError(f"invalid samples: NaN or Inf in the segment starting at {index * segment_seconds:g} s")
+            raise BadAudioError(_nonfinite_reason(block, index * segment_seconds))
         rate = info.sample_rate
         yield index, index * step / rate, block.shape[0] / rate, resample(mono, rate, target_rate)
+
+
+def _nonfinite_reason(block: np.ndarray, start_s: float) -> str:
+    """NaN/Inf in the decoded samples, or finite samples so large that mixing them down overflowed."""
+    if np.isfinite(block).all():
+        peak = float(np.max(np.abs(block)))
+        return (f"samples far outside [-1, 1]: peak {peak:.3g} in the segment starting at {start_s:g} s "
+                "overflows float32 when the channels are mixed down")
+    return f"invalid samples: NaN or Inf in the segment starting at {start_s:g} s"
 
 
 def _check_length(got: int, want: int, index: int, step: int, info: AudioInfo) -> None:

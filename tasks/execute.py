@@ -25,7 +25,8 @@ from audiopipe.infra.errors import TransientStorageError
 from audiopipe.infra.settings import RunSettings
 from audiopipe.infra.storage import StorageSpec, is_transient, open_fs
 from audiopipe.tasks.audio_io import AudioInfo, num_segments
-from audiopipe.tasks.extract import ItemResult, SourceFile, WorkItem, featurize_item, probe_item, us_to_datetime
+from audiopipe.tasks.extract import (ItemResult, Rejection, SourceFile, WorkItem, featurize_item, probe_item,
+                                     us_to_datetime)
 from audiopipe.tasks.features import FeatureConfig
 from audiopipe.tasks.progress import ProgressEvent, report
 from audiopipe.tasks.shards import (FeaturePartWriter, OutputLayout, ShardPlan, commit_intent, manifest_table,
@@ -89,15 +90,16 @@ def reject_category(reason: str) -> str:
 def _plan_items(client: Client, files: tuple[SourceFile, ...], cfg: FeatureConfig, storage: StorageSpec,
                 states: dict[str, _FileState]) -> list[WorkItem]:
     """One item per small file; larger files are probed (on a worker) and cut into chunks of segments,
-    so items are of similar size and both workers stay busy to the end."""
-    large = [f for f in files if f.size > PROBE_MIN_BYTES]
+    so items are of similar size and both workers stay busy to the end. Files rejected at discovery or by
+    their probe get their reason (and header) in ``states`` and no item."""
+    large = [f for f in files if f.size > PROBE_MIN_BYTES and not f.rejected]
     probes = probe_files(client, large, storage, lambda f: item_key(WorkItem(f)))
     per_chunk = max(1, int(CHUNK_SECONDS // cfg.segment_seconds))
     items: list[WorkItem] = []
     for f in files:
-        probed = probes.get(f.url)
-        if isinstance(probed, str):
-            states[f.url].reason = probed
+        probed = Rejection(f.rejected) if f.rejected else probes.get(f.url)
+        if isinstance(probed, Rejection):
+            states[f.url].reason, states[f.url].info = probed.reason, probed.info
             continue
         if probed is None:
             items.append(WorkItem(f))
@@ -149,20 +151,20 @@ def _results(client: Client, items: list[WorkItem], cfg: FeatureConfig, storage:
 
 
 def probe_files(client: Client, files: list[SourceFile], storage: StorageSpec,
-                key_of: Callable[[SourceFile], str]) -> dict[str, AudioInfo | str]:
-    """``probe_item`` of each file, run on the workers: url -> its header, or the reason it is rejected.
+                key_of: Callable[[SourceFile], str]) -> dict[str, AudioInfo | Rejection]:
+    """``probe_item`` of each file, run on the workers: url -> its header, or why it is rejected.
 
     A file whose probe kills its worker every time (``KilledWorker``) is rejected as a worker crash, like a
     file that crashes featurizing, instead of failing the whole shard.
     """
     attempt = uuid.uuid4().hex[:8]  # fresh keys: Dask would hand back a cached error for a retried shard
     futures = {f.url: client.submit(probe_item, f, storage, key=f"probe-{key_of(f)}-{attempt}") for f in files}
-    probes: dict[str, AudioInfo | str] = {}
+    probes: dict[str, AudioInfo | Rejection] = {}
     for url, future in futures.items():
         try:
             probes[url] = future.result()
         except Exception as exc:
-            probes[url] = failure_reason(future, exc, url, doing="probed")
+            probes[url] = Rejection(failure_reason(future, exc, url, doing="probed"))
     return probes
 
 
@@ -266,16 +268,26 @@ def _absorb(state: _FileState, result: ItemResult, writer: FeaturePartWriter) ->
 def _manifest_row(state: _FileState, cfg: FeatureConfig, shard: str | None) -> dict:
     from audiopipe.infra.version import audiopipe_version
 
-    f, info, ok = state.source, state.info, state.reason is None
+    f, ok = state.source, state.reason is None
     return {
         "source": f.url, "size": f.size, "etag": f.etag,
         "mtime": None if f.mtime_us is None else us_to_datetime(f.mtime_us),
         "status": "ok" if ok else "rejected", "reason": state.reason,
-        "sample_rate": info.sample_rate if info else None, "channels": info.channels if info else None,
-        "duration_s": (state.audio_s if ok else info.duration_s) if info else None,
+        **header_columns(state.info, state.audio_s if ok else None),
         "n_segments": state.segments if ok else 0, "shard": shard if ok else None,
         "config_hash": cfg.config_hash, "audiopipe_version": audiopipe_version(), "processed_at": now_utc(),
     }
+
+
+def header_columns(info: AudioInfo | None, decoded_s: float | None) -> dict:
+    """The manifest's ``sample_rate``, ``channels`` and ``duration_s``: from the header whenever it was read,
+    rejected files included; ``duration_s`` is the decoded length of an ok file, else the header's (null
+    when its sample rate cannot give one)."""
+    if info is None:
+        return {"sample_rate": None, "channels": None, "duration_s": None}
+    declared = info.duration_s if info.sample_rate > 0 else None
+    return {"sample_rate": info.sample_rate, "channels": info.channels,
+            "duration_s": decoded_s if decoded_s is not None else declared}
 
 
 def _shard_result(plan: ShardPlan, states: dict[str, _FileState], num_rows: int, wall_s: float) -> ShardResult:

@@ -17,18 +17,23 @@ import pyarrow as pa
 from audiopipe.infra.errors import BadAudioError
 from audiopipe.infra.schemas import FEATURES_V1, features_to_numpy  # noqa: F401 - re-exported for readers
 from audiopipe.infra.storage import StorageSpec, open_fs
-from audiopipe.tasks.audio_io import UNSUPPORTED_EXTENSIONS, AudioInfo, iter_segments, open_source, probe
-from audiopipe.tasks.features import FeatureConfig, compute_features
+from audiopipe.tasks.audio_io import AudioInfo, iter_segments, open_source, probe
+from audiopipe.tasks.features import FeatureConfig, compute_features, finite_features
 
 
 @dataclass(frozen=True)
 class SourceFile:
-    """One listed input object. ``version`` (ETag, or mtime+size) decides whether it changed."""
+    """One listed input object. ``version`` (ETag, or mtime+size) decides whether it changed.
+
+    ``rejected`` is set when discovery already knows the object cannot be read (a dangling symlink, a link
+    loop, a FIFO): the worker side turns it into a rejected manifest row with that reason, without opening it.
+    """
 
     url: str
     size: int
     etag: str | None = None
     mtime: float | None = None
+    rejected: str | None = None
 
     @property
     def version(self) -> str:
@@ -84,53 +89,66 @@ class ItemResult:
         return self.reason is None
 
 
-def unsupported_reason(url: str) -> str | None:
-    """The rejection reason for a format libsndfile cannot decode (by extension), else None."""
-    name = url.rsplit("/", 1)[-1]
-    suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
-    if suffix in UNSUPPORTED_EXTENSIONS:
-        return f"unsupported format: no {suffix} (AAC) decoder in libsndfile; convert to FLAC or WAV"
-    return None
+@dataclass(frozen=True)
+class Rejection:
+    """Why a file is rejected, and its header when the header could be read (for the manifest row)."""
+
+    reason: str
+    info: AudioInfo | None = None
 
 
-def probe_item(source: SourceFile, storage: StorageSpec) -> AudioInfo | str:
-    """Header of ``source`` (for planning chunks of a long file), or the rejection reason."""
+def header_of(exc: BadAudioError) -> AudioInfo | None:
+    """The header a rejection read before refusing the file (``audio_io.HeaderRejected``), else None."""
+    return getattr(exc, "info", None)
+
+
+def probe_item(source: SourceFile, storage: StorageSpec) -> AudioInfo | Rejection:
+    """Header of ``source`` (for planning chunks of a long file), or why it is rejected."""
+    if source.rejected:
+        return Rejection(source.rejected)
     fs, path = open_fs(source.url, storage)
     try:
         handle = open_source(fs, path, source.size, stream=True)
-        snd, info = probe(handle)
     except BadAudioError as exc:
-        return str(exc)
-    snd.close()
-    handle.close()
+        return Rejection(str(exc))
+    with handle:
+        try:
+            snd, info = probe(handle)
+        except BadAudioError as exc:
+            return Rejection(str(exc), header_of(exc))
+        snd.close()
     return info
 
 
 def featurize_item(item: WorkItem, cfg: FeatureConfig, storage: StorageSpec) -> ItemResult:
-    """Decode, check and featurize the item's segments.
+    """Decode (by content, whatever the extension), check and featurize the item's segments.
 
-    Bad audio becomes a rejected result; storage failures raise ``TransientStorageError`` so the shard is
-    retried rather than the file being wrongly rejected.
+    Bad audio, and features that come out NaN or Inf, become a rejected result (with the header when it
+    was read); storage failures raise ``TransientStorageError`` so the shard is retried rather than the
+    file being wrongly rejected.
     """
     started = time.perf_counter()
     url = item.source.url
-    reason = unsupported_reason(url)
-    if reason:
-        return ItemResult(url, reason=reason)
+    if item.source.rejected:
+        return ItemResult(url, reason=item.source.rejected)
     fs, path = open_fs(url, storage)
+    # a chunk of a long file reads only its byte ranges; a whole small file comes in one GET
     try:
-        # a chunk of a long file reads only its byte ranges; a whole small file comes in one GET
         handle = open_source(fs, path, item.source.size, stream=item.stop is not None)
-        snd, info = probe(handle)
     except BadAudioError as exc:
         return ItemResult(url, reason=str(exc), busy_s=time.perf_counter() - started)
+    try:
+        snd, info = probe(handle)
+    except BadAudioError as exc:
+        handle.close()
+        return ItemResult(url, reason=str(exc), info=header_of(exc), busy_s=time.perf_counter() - started)
     rows: list[tuple[int, float, float, np.ndarray]] = []
     try:
         for index, start_s, duration_s, samples in iter_segments(
             handle, snd, info, segment_seconds=cfg.segment_seconds, target_rate=cfg.sample_rate,
             first=item.first, stop=item.stop,
         ):
-            rows.append((index, start_s, duration_s, compute_features(samples, cfg=cfg)))
+            rows.append((index, start_s, duration_s, finite_features(samples, cfg=cfg)))
     except BadAudioError as exc:
         return ItemResult(url, reason=str(exc), info=info, busy_s=time.perf_counter() - started)
     finally:

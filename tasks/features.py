@@ -3,7 +3,8 @@
 In: one segment's samples. Out: float32 ``(num_frames, num_bins)``, exactly what librosa computes:
 ``power_to_db(melspectrogram(y, sr, n_fft, hop_length, n_mels), ref=1.0, amin=1e-10, top_db=None)``
 for log-mel, and ``librosa.feature.mfcc(S=<that log-mel>, n_mfcc)`` for MFCC. The config's hash names
-the output partition, so two configs never mix rows.
+the output partition, so two configs never mix rows. ``finite_features`` is what the pipeline stores: the
+same values, refused (``BadAudioError``) when any is NaN or Inf, never scaled.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 import librosa
 import numpy as np
 
-from audiopipe.infra.errors import ConfigError
+from audiopipe.infra.errors import BadAudioError, ConfigError
 
 FEATURE_KINDS = ("logmel", "mfcc")
 
@@ -119,3 +120,26 @@ def mfcc(samples: np.ndarray, *, cfg: FeatureConfig) -> np.ndarray:
 def compute_features(samples: np.ndarray, *, cfg: FeatureConfig) -> np.ndarray:
     """Dispatch on ``cfg.kind``; returns float32 ``(num_frames, cfg.num_bins)``."""
     return log_mel(samples, cfg=cfg) if cfg.kind == "logmel" else mfcc(samples, cfg=cfg)
+
+
+def finite_features(samples: np.ndarray, *, cfg: FeatureConfig) -> np.ndarray:
+    """``compute_features``, refused when any value is NaN or Inf, so such a row is never stored.
+
+    Finite samples can still overflow: the power spectrum is float32, so a float file whose samples peak
+    around 1e17 or more (with the default 400-sample window) gives Inf power and NaN dB. The file is rejected
+    rather than rescaled: a stored row always means librosa's features of the decoded samples.
+
+    Raises:
+        BadAudioError: ``samples far outside [-1, 1]: peak …`` when that caused it, else ``non-finite
+            features: …``.
+    """
+    features = compute_features(samples, cfg=cfg)
+    if np.isfinite(features).all():
+        return features
+    peak = float(np.max(np.abs(samples))) if samples.size else 0.0
+    bad = int(features.size - np.count_nonzero(np.isfinite(features)))
+    if peak > 1.0:
+        raise BadAudioError(f"samples far outside [-1, 1]: peak {peak:.3g} overflows the float32 power spectrum "
+                            f"({bad} of {features.size} {cfg.kind} values NaN or Inf); rescale the file")
+    raise BadAudioError(f"non-finite features: {bad} of {features.size} {cfg.kind} values are NaN or Inf "
+                        f"although the samples peak at {peak:.3g}")

@@ -31,7 +31,7 @@ import numpy as np
 from audiopipe.infra.errors import BadAudioError, ConfigError
 from audiopipe.infra.storage import StorageSpec, join, open_fs, put_file_atomic
 from audiopipe.tasks.audio_io import AudioInfo, iter_segments, open_source, probe
-from audiopipe.tasks.extract import SourceFile, unsupported_reason
+from audiopipe.tasks.extract import SourceFile, header_of
 from audiopipe.tasks.features import FeatureConfig, compute_features
 
 log = logging.getLogger(__name__)
@@ -275,7 +275,7 @@ def _open(source: SourceFile, storage: StorageSpec, stream: bool):
 def _decode_windows(source: SourceFile, item: InferItem, spec: InferSpec, storage: StorageSpec,
                     windows: list, slot: int) -> InferOutput:
     """Decode and featurize the source's windows into ``windows`` as ``(slot, Window, features)``."""
-    out = InferOutput(source.url, reason=unsupported_reason(source.url))
+    out = InferOutput(source.url, reason=source.rejected)  # rejected at discovery (dangling symlink...)
     if out.reason:
         return out
     cfg = spec.features
@@ -301,7 +301,7 @@ def _decode_windows(source: SourceFile, item: InferItem, spec: InferSpec, storag
             snd.close()
             handle.close()
     except BadAudioError as exc:
-        return InferOutput(source.url, reason=str(exc), info=out.info,
+        return InferOutput(source.url, reason=str(exc), info=out.info or header_of(exc),
                            timings=Counter(decode_s=time.perf_counter() - started))
     out.windows = len(mine)
     windows.extend(mine)
@@ -380,7 +380,7 @@ def _separate_one(source: SourceFile, loaded: LoadedModel, spec: InferSpec, stor
 
     from audiopipe.models.separation import SeparationConfig, apply_mask_istft, stft_mag_phase
 
-    out = InferOutput(source.url, reason=unsupported_reason(source.url))
+    out = InferOutput(source.url, reason=source.rejected)  # rejected at discovery (dangling symlink...)
     if out.reason:
         return out
     settings = spec.feature_config
@@ -393,7 +393,7 @@ def _separate_one(source: SourceFile, loaded: LoadedModel, spec: InferSpec, stor
         try:
             handle, snd, out.info = _open(source, storage, stream=True)
         except BadAudioError as exc:
-            return InferOutput(source.url, reason=str(exc))
+            return InferOutput(source.url, reason=str(exc), info=header_of(exc))
         writers = {stem: sf.SoundFile(p, "w", samplerate=rate, channels=1, format="FLAC", subtype="PCM_16")
                    for stem, p in paths.items()}
         try:

@@ -26,9 +26,9 @@ from audiopipe.infra.errors import AudiopipeError
 from audiopipe.infra.settings import RunSettings
 from audiopipe.infra.storage import StorageSpec, is_transient, open_fs, write_bytes_atomic
 from audiopipe.tasks.audio_io import AudioInfo, num_segments
-from audiopipe.tasks.execute import (_SUSPECT_LOCK, CRASH_CATEGORY, PROBE_MIN_BYTES, failure_reason,
+from audiopipe.tasks.execute import (_SUSPECT_LOCK, CRASH_CATEGORY, PROBE_MIN_BYTES, failure_reason, header_columns,
                                      in_completion_order, probe_files, reject_category, retry_if_transient)
-from audiopipe.tasks.extract import SourceFile, us_to_datetime
+from audiopipe.tasks.extract import Rejection, SourceFile, us_to_datetime
 from audiopipe.tasks.infer import InferItem, InferOutput, InferSpec, infer_item
 from audiopipe.tasks.infer_layout import (ResultLayout, class_rows, relative_source, stem_rows, table_of,
                                           transcript_rows)
@@ -78,16 +78,17 @@ def item_key(item: InferItem, spec: InferSpec) -> str:
 
 def plan_items(client: Client, files: tuple[SourceFile, ...], spec: InferSpec, storage: StorageSpec,
                states: dict[str, _State]) -> list[InferItem]:
-    """Groups of small recordings; chunks of windows of large ones (probed on a worker first)."""
+    """Groups of small recordings; chunks of windows of large ones (probed on a worker first). Recordings
+    rejected at discovery or by their probe get their reason (and header) in ``states`` and no item."""
     chunked = spec.task != "separate"  # separation streams one recording per item, start to end
-    large = [f for f in files if f.size > PROBE_MIN_BYTES] if chunked else []
+    large = [f for f in files if f.size > PROBE_MIN_BYTES and not f.rejected] if chunked else []
     probes = probe_files(client, large, storage, lambda f: item_key(InferItem((f,)), spec))
     core_s = spec.window_s  # transcribe: the window core; classify: the model's feature segment
     items, group, group_bytes = [], [], 0
     for f in sorted(files, key=lambda f: f.size):
-        probed = probes.get(f.url)
-        if isinstance(probed, str):
-            states[f.url].reason = probed
+        probed = Rejection(f.rejected) if f.rejected else probes.get(f.url)
+        if isinstance(probed, Rejection):
+            states[f.url].reason, states[f.url].info = probed.reason, probed.info
             continue
         if probed is not None:
             total = num_segments(probed, core_s)
@@ -263,13 +264,12 @@ def _results_of(state: _State, spec: InferSpec, fs, layout: ResultLayout, rows: 
 def _manifest_row(state: _State, spec: InferSpec, n_segments: int, shard: str | None) -> dict:
     from audiopipe.infra.version import audiopipe_version
 
-    f, info, ok = state.source, state.info, state.reason is None
+    f, ok = state.source, state.reason is None
     return {
         "source": f.url, "size": f.size, "etag": f.etag,
         "mtime": None if f.mtime_us is None else us_to_datetime(f.mtime_us),
         "status": "ok" if ok else "rejected", "reason": state.reason,
-        "sample_rate": info.sample_rate if info else None, "channels": info.channels if info else None,
-        "duration_s": (state.audio_s if ok else info.duration_s) if info else None,
+        **header_columns(state.info, state.audio_s if ok else None),
         "n_segments": n_segments if ok else 0, "shard": shard if ok else None,
         "config_hash": spec.model_tag, "audiopipe_version": audiopipe_version(), "processed_at": now_utc(),
     }

@@ -155,3 +155,100 @@ def test_credentials_as_flow_parameters_are_refused(tmp_path, prefect_api):
         featurize(str(tmp_path), str(tmp_path / "out"), feature_config=FeatureConfig(),
                   settings=RunSettings(work_dir=tmp_path / "work"),
                   storage_options={"endpoint_url": "http://127.0.0.1:1", "secret": "do-not-store"})
+
+
+def _wav_header(channels: int, sample_rate: int, frames: int) -> bytes:
+    """A PCM_16 WAV whose header declares ``channels`` at ``sample_rate`` (zero samples follow)."""
+    import struct
+
+    data = bytes(frames * channels * 2)
+    fmt = struct.pack("<HHIIHH", 1, channels, sample_rate, sample_rate * channels * 2, channels * 2, 16)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def _hostile_local_archive(tmp_path: Path) -> tuple[Path, dict[str, tuple[str, str | None]]]:
+    """A local input of symlinks (as git-annex/DVC lay them out), special files and files that lie about
+    themselves. Returns the input and ``{relative name: (status, reason prefix)}``."""
+    import os
+
+    import soundfile as sf
+
+    from audiopipe.tasks.synth import tone
+
+    annex, root = tmp_path / "annex", tmp_path / "in"
+    annex.mkdir()
+    (root / "sub").mkdir(parents=True)
+    sf.write(annex / "SHA256E-s64044--obj.wav", tone(440.0, 2.0, 16000), 16000, subtype="PCM_16")
+    sf.write(root / "plain.wav", tone(330.0, 1.0, 16000), 16000, subtype="PCM_16")
+    (root / "link.wav").symlink_to(annex / "SHA256E-s64044--obj.wav")
+    (root / "sub" / "rel.wav").symlink_to(Path("..") / ".." / "annex" / "SHA256E-s64044--obj.wav")
+    (root / "dangling.wav").symlink_to(tmp_path / "gone.wav")
+    (root / "loop.wav").symlink_to("loop.wav")
+    (root / "mounted").symlink_to(annex)
+    os.mkfifo(root / "pipe.wav")  # opening it would block a worker for ever
+    buf = io.BytesIO()
+    sf.write(buf, tone(550.0, 1.5, 22050), 22050, format="WAV", subtype="PCM_16")
+    (root / "mislabelled.m4a").write_bytes(buf.getvalue())  # a WAV: read by its content
+    (root / "real.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A \x00\x00\x00\x00" + bytes(range(256)) * 8)
+    (root / "array.wav").write_bytes(_wav_header(1000, 48000, 4))
+    (root / "truncated.wav").write_bytes(buf.getvalue()[:44 + 2000])
+    loud = tone(440.0, 1.0, 16000)
+    loud = loud / np.abs(loud).max() * np.float32(1e18)  # finite samples, peak 1e18: the power spectrum overflows
+    sf.write(root / "loud.wav", loud, 16000, subtype="FLOAT")
+    return root, {
+        "plain.wav": ("ok", None), "link.wav": ("ok", None), "sub/rel.wav": ("ok", None),
+        "mislabelled.m4a": ("ok", None),
+        "dangling.wav": ("rejected", f"dangling symlink: target {tmp_path}/gone.wav does not exist"),
+        "loop.wav": ("rejected", "symlink loop: "), "mounted": ("rejected", "symlink to a directory: "),
+        "pipe.wav": ("rejected", "not a regular file: a FIFO"),
+        "real.m4a": ("rejected", "unsupported format: an MP4/M4A container"),
+        "array.wav": ("rejected", "too many channels: the header declares 1000"),
+        "truncated.wav": ("rejected", "truncated: "),
+        "loud.wav": ("rejected", "samples far outside [-1, 1]: peak 1e+18"),
+    }
+
+
+def test_local_archive_of_symlinks_and_lying_files_is_fully_accounted(dask_cluster, prefect_api, tmp_path):
+    root, expected = _hostile_local_archive(tmp_path)
+    cfg, out = FeatureConfig(), str(tmp_path / "out")
+    settings = settings_for(dask_cluster, tmp_path, files_per_shard=4)
+
+    summary = featurize(str(root), out, feature_config=cfg, settings=settings)
+
+    manifest, rows, fs, layout = load_outputs(out, cfg)
+    by_name = {r["source"].removeprefix(f"file://{root}/"): r for r in manifest.to_pylist()}
+    assert manifest.num_rows == len(by_name) == len(expected)  # every entry exactly once
+    for name, (status, reason) in expected.items():
+        row = by_name[name]
+        assert row["status"] == status, (name, row["reason"])
+        assert (row["reason"] or "").startswith(reason or ""), (name, row["reason"])
+    assert (summary["files_ok"], summary["files_rejected"]) == (4, 8)
+    for name in ("link.wav", "sub/rel.wav"):  # the target's audio, under the link's name
+        assert (by_name[name]["duration_s"], by_name[name]["size"]) == (2.0, 64044)
+    assert (by_name["mislabelled.m4a"]["sample_rate"], by_name["mislabelled.m4a"]["duration_s"]) == (22050, 1.5)
+    # a header that was read fills the columns of its rejected row
+    assert (by_name["array.wav"]["sample_rate"], by_name["array.wav"]["channels"]) == (48000, 1000)
+    truncated = by_name["truncated.wav"]
+    assert (truncated["sample_rate"], truncated["channels"], truncated["duration_s"]) == (22050, 1, 1000 / 22050)
+    assert (by_name["loud.wav"]["sample_rate"], by_name["loud.wav"]["duration_s"]) == (16000, 1.0)
+    # feature rows: only for ok files, all finite
+    assert Counter(r["source"] for r in rows) == {f"file://{root}/{n}": by_name[n]["n_segments"]
+                                                  for n, (status, _) in expected.items() if status == "ok"}
+    for part in {r["shard"] for r in manifest.to_pylist() if r["shard"]}:
+        table = pq.read_table(io.BytesIO(fs.cat_file(f"{out}/{part}")))
+        values = table["features"].combine_chunks().flatten().flatten().to_numpy()
+        assert values.size and np.isfinite(values).all()
+
+    again = featurize(str(root), out, feature_config=cfg, settings=settings)
+    assert (again["files_skipped"], again["files_ok"], again["files_rejected"]) == (12, 0, 0)
+    import soundfile as sf
+
+    from audiopipe.tasks.synth import tone
+
+    sf.write(tmp_path / "gone.wav", tone(880.0, 0.5, 16000), 16000, subtype="PCM_16")  # the link's target lands
+    third = featurize(str(root), out, feature_config=cfg, settings=settings)
+    assert (third["files_skipped"], third["files_ok"]) == (11, 1)
+    manifest, _, _, _ = load_outputs(out, cfg)
+    rows = [r for r in manifest.to_pylist() if r["source"] == f"file://{root}/dangling.wav"]
+    assert [(r["status"], r["duration_s"]) for r in rows] == [("ok", 0.5)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import fsspec
 import numpy as np
@@ -13,6 +14,8 @@ from audiopipe.infra.errors import BadAudioError
 from audiopipe.infra.storage import StorageSpec
 from audiopipe.tasks import synth
 from audiopipe.tasks.audio_io import (
+    AUDIO_EXTENSIONS,
+    MAX_CHANNELS,
     WHOLE_READ_MAX_BYTES,
     AudioInfo,
     _GuardedReader,
@@ -23,7 +26,7 @@ from audiopipe.tasks.audio_io import (
     segment_frames,
     to_mono,
 )
-from audiopipe.tasks.extract import SourceFile, WorkItem, featurize_item, probe_item
+from audiopipe.tasks.extract import Rejection, SourceFile, WorkItem, featurize_item, probe_item
 from audiopipe.tasks.features import FeatureConfig, compute_features
 
 CFG = FeatureConfig()
@@ -55,8 +58,15 @@ def _bad_cases(encode) -> dict[str, tuple[str, bytes]]:
         "mp3_half": ("truncated.mp3", mp3[: len(mp3) // 2]),
         "random_ogg": ("corrupt.ogg", b"XXXX" + garbage),
         "m4a": ("song.m4a", b"\x00\x00\x00\x20ftypM4A \x00\x00\x00\x00" + garbage),
-        "aac_upper": ("SONG.AAC", garbage),
+        "adts_aac": ("SONG.AAC", ADTS_HEADER + garbage),
+        # decoded by content, not by name: AAC named .wav is still AAC, random bytes named .aac are not
+        "m4a_named_wav": ("song.wav", b"\x00\x00\x00\x20ftypM4A \x00\x00\x00\x00" + garbage),
+        "garbage_named_aac": ("noise.aac", b"XXXX" + garbage),
     }
+
+
+# An ADTS frame header: sync 0xFFF, MPEG-4, layer 00, no CRC; AAC LC, 44.1 kHz, 2 channels.
+ADTS_HEADER = bytes([0xFF, 0xF1, 0x50, 0x80, 0x02, 0x1F, 0xFC])
 
 
 BAD_EXPECTED = [
@@ -68,8 +78,10 @@ BAD_EXPECTED = [
     ("inf_float_wav", "invalid samples"),
     ("mp3_half", "truncated"),
     ("random_ogg", "undecodable"),
-    ("m4a", "unsupported format"),
-    ("aac_upper", "unsupported format"),
+    ("m4a", "unsupported format: an MP4/M4A container"),
+    ("adts_aac", "unsupported format: raw AAC (ADTS)"),
+    ("m4a_named_wav", "unsupported format: an MP4/M4A container"),
+    ("garbage_named_aac", "undecodable: not an audio format libsndfile recognises"),
 ]
 
 
@@ -102,10 +114,112 @@ def test_missing_object_is_rejected_as_missing(mem):
 def test_probe_item_reports_header_or_reason(mem, encode):
     ok = mem.put_bytes("ok.wav", encode(np.zeros((8000, 2), np.float32), 8000, "WAV", "PCM_16"))
     bad = mem.put_bytes("bad.wav", b"RIFF nonsense")
+    cut = mem.put_bytes("cut.wav", _tone_wav(encode)[:44 + 1000])
     info = probe_item(ok, StorageSpec())
     assert info == AudioInfo(8000, 2, 8000, "WAV", "PCM_16")
     assert info.duration_s == 1.0
-    assert probe_item(bad, StorageSpec()).startswith("undecodable")
+    rejected = probe_item(bad, StorageSpec())
+    assert isinstance(rejected, Rejection) and rejected.reason.startswith("undecodable") and rejected.info is None
+    truncated = probe_item(cut, StorageSpec())  # the header was read: the rejection keeps it
+    assert truncated.reason.startswith("truncated")
+    assert truncated.info == AudioInfo(16000, 1, 500, "WAV", "PCM_16")  # frames: what libsndfile finds present
+    at_discovery = probe_item(SourceFile(ok.url, ok.size, rejected="dangling symlink: target /x does not exist"),
+                              StorageSpec())
+    assert at_discovery == Rejection("dangling symlink: target /x does not exist")
+
+
+def _wav_header(channels: int, sample_rate: int, frames: int, data: bytes | None = None) -> bytes:
+    """A PCM_16 WAV whose header declares ``channels`` x ``frames`` at ``sample_rate`` (data zeros unless given)."""
+    data = bytes(frames * channels * 2) if data is None else data
+    fmt = struct.pack("<HHIIHH", 1, channels, sample_rate, sample_rate * channels * 2, channels * 2, 16)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def test_too_many_channels_has_its_own_reason_and_keeps_the_header(mem):
+    src = mem.put_bytes("array.wav", _wav_header(1000, 48000, 10))
+
+    result = featurize_item(WorkItem(src), CFG, StorageSpec())
+
+    assert result.reason == (f"too many channels: the header declares 1000; audiopipe mixes at most {MAX_CHANNELS} "
+                             "down to mono (split the channels into separate files first)")
+    assert (result.info.sample_rate, result.info.channels, result.info.frames) == (48000, 1000, 10)
+
+
+def test_more_channels_than_libsndfile_opens_is_too_many_channels(mem):
+    result = featurize_item(WorkItem(mem.put_bytes("huge.wav", _wav_header(2000, 48000, 2))), CFG, StorageSpec())
+    assert result.reason.startswith("too many channels: the header declares more than 1024"), result.reason
+
+
+def test_most_channels_supported_still_decode(mem, encode):
+    block = np.tile(synth.tone(440.0, 0.1, 16000)[:, None], (1, MAX_CHANNELS))
+    result = featurize_item(WorkItem(mem.put_audio("atmos.wav", block, 16000, subtype="PCM_16")), CFG,
+                            StorageSpec())
+    assert result.ok, result.reason
+    assert result.info.channels == MAX_CHANNELS
+
+
+@pytest.mark.parametrize(("case", "header"), [
+    ("truncated", AudioInfo(16000, 1, 2500, "WAV", "PCM_16")),  # frames of the data present
+    ("bad_rate", AudioInfo(500, 1, 100, "WAV", "PCM_16")),
+    ("header_only", AudioInfo(16000, 1, 0, "WAV", "PCM_16")),
+])
+def test_rejected_after_reading_the_header_keeps_it(mem, encode, case, header):
+    data = {"truncated": _tone_wav(encode)[:44 + 5001],
+            "bad_rate": _wav_header(1, 500, 100),
+            "header_only": _wav_header(1, 16000, 0)}[case]
+    result = featurize_item(WorkItem(mem.put_bytes(f"{case}.wav", data)), CFG, StorageSpec())
+    assert not result.ok
+    assert result.info == header, result.reason
+
+
+@pytest.mark.parametrize("name", ["song.m4a", "SONG.AAC", "tone.mp3", "tone.flac", "tone.ogg"])
+def test_readable_audio_under_a_wrong_audio_extension_is_featurized(mem, encode, name):
+    assert "." + name.rsplit(".", 1)[1].lower() in AUDIO_EXTENSIONS  # listed by discovery, then read by content
+    wav = _tone_wav(encode)
+    as_wav = featurize_item(WorkItem(mem.put_bytes("tone.wav", wav)), CFG, StorageSpec())
+
+    result = featurize_item(WorkItem(mem.put_bytes(name, wav)), CFG, StorageSpec())
+
+    assert result.ok, result.reason
+    assert result.info == AudioInfo(16000, 1, 16000, "WAV", "PCM_16")
+    np.testing.assert_array_equal(np.asarray(result.batch.column("features")[0].as_py()),
+                                  np.asarray(as_wav.batch.column("features")[0].as_py()))
+
+
+def test_discovery_rejection_is_returned_without_reading(mem):
+    src = SourceFile(mem.url("never-written.wav"), 12, rejected="symlink loop: /a leads back to a link")
+    result = featurize_item(WorkItem(src), CFG, StorageSpec())
+    assert result.reason == "symlink loop: /a leads back to a link"
+    assert result.batch is None and result.info is None
+
+
+@pytest.mark.parametrize("kind", ["logmel", "mfcc"])
+@pytest.mark.parametrize("peak", [1e18, 1e30])
+def test_finite_samples_that_overflow_the_features_are_rejected_by_name(mem, encode, kind, peak):
+    x = synth.tone(440.0, 1.0, 16000) * np.float32(peak / 0.5)
+    src = mem.put_audio("loud.wav", x, 16000, subtype="FLOAT")
+    assert np.isfinite(sf.read(io.BytesIO(mem.fs.cat_file(src.url.removeprefix("memory:/"))))[0]).all()
+
+    result = featurize_item(WorkItem(src), FeatureConfig(kind=kind), StorageSpec())
+
+    assert not result.ok and result.batch is None
+    assert result.reason.startswith("samples far outside [-1, 1]: peak "), result.reason
+    assert f"{float(np.max(np.abs(x))):.3g}" in result.reason
+    assert result.info == AudioInfo(16000, 1, 16000, "WAV", "FLOAT")
+
+
+def test_loud_but_representable_float_samples_are_kept(mem, encode):
+    x = synth.tone(440.0, 1.0, 16000) * np.float32(2e6)  # far outside [-1, 1], features still finite
+    result = featurize_item(WorkItem(mem.put_audio("loud.wav", x, 16000, subtype="FLOAT")), CFG, StorageSpec())
+    assert result.ok, result.reason
+    assert np.isfinite(np.asarray(result.batch.column("features")[0].as_py())).all()
+
+
+def test_channels_that_overflow_when_mixed_down_are_named(mem):
+    x = np.full((1600, 2), 3e38, np.float32)  # finite, but the two channels' sum is not
+    result = featurize_item(WorkItem(mem.put_audio("huge.wav", x, 16000, subtype="FLOAT")), CFG, StorageSpec())
+    assert result.reason.startswith("samples far outside [-1, 1]: peak 3e+38"), result.reason
 
 
 def _good_cases(encode) -> dict[str, tuple[str, bytes, int, int, int]]:

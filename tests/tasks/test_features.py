@@ -13,10 +13,10 @@ import pytest
 import soundfile as sf
 import soxr
 
-from audiopipe.infra.errors import ConfigError
+from audiopipe.infra.errors import BadAudioError, ConfigError
 from audiopipe.infra.storage import StorageSpec
 from audiopipe.tasks.extract import WorkItem, featurize_item, features_to_numpy
-from audiopipe.tasks.features import FEATURE_KINDS, FeatureConfig, compute_features, num_frames_for
+from audiopipe.tasks.features import FEATURE_KINDS, FeatureConfig, compute_features, finite_features, num_frames_for
 
 TOLERANCE_DB = 1e-3  # the contract: max |ours - librosa| per coefficient
 
@@ -251,3 +251,20 @@ def test_num_frames_for_matches_actual(num_samples, hop):
 def test_logmel_with_few_mels_is_valid_without_touching_n_mfcc(n_mels):
     cfg = FeatureConfig(kind="logmel", n_mels=n_mels)
     assert cfg.num_bins == n_mels
+
+
+@pytest.mark.parametrize("kind", FEATURE_KINDS)
+def test_finite_features_are_the_computed_features(signal, kind):
+    cfg = FeatureConfig(kind=kind)
+    y = signal(16000, 1.0)[:, 0] * np.float32(1e5)  # loud but representable: kept, not rescaled
+    np.testing.assert_array_equal(finite_features(y, cfg=cfg), compute_features(y, cfg=cfg))
+
+
+@pytest.mark.parametrize("kind", FEATURE_KINDS)
+def test_finite_features_refuse_an_overflowed_power_spectrum(signal, kind):
+    cfg = FeatureConfig(kind=kind)
+    y = signal(16000, 1.0)[:, 0]
+    y = y / np.abs(y).max() * np.float32(1e18)
+    assert np.isfinite(y).all() and not np.isfinite(compute_features(y, cfg=cfg)).all()  # what is guarded
+    with pytest.raises(BadAudioError, match=r"^samples far outside \[-1, 1\]: peak 1e\+18 overflows"):
+        finite_features(y, cfg=cfg)
