@@ -12,12 +12,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from audiopipe.flows.shard_pool import shard_futures
 from audiopipe.infra.errors import ConfigError, StorageError
 from audiopipe.infra.runners import dask_client, num_workers
 from audiopipe.infra.settings import RunSettings
@@ -116,9 +117,9 @@ def extract_features(in_url: str, out_url: str, feature_config: FeatureConfig | 
             summary.startup_s = time.perf_counter() - started
             logger.info("Dask ready with %d workers in %.1f s", summary.workers, summary.startup_s)
             processing_started = time.perf_counter()
-            futures = extract_shard.map(list(plan.shards), unmapped(cfg), unmapped(storage), unmapped(out_url),
-                                        unmapped(settings))
-            for plan_item, future in zip(plan.shards, futures):
+            in_flight = settings.shards_in_flight(summary.workers)
+            for plan_item, future in shard_futures(extract_shard, plan.shards, in_flight, cfg=cfg, storage=storage,
+                                                   out_url=out_url, settings=settings):
                 try:
                     _add_shard(summary, future.result())
                 except StorageError as exc:
@@ -170,13 +171,11 @@ def _add_shard(summary: RunSummary, result: ShardResult) -> None:
 def featurize(in_url: str, out_url: str, *, feature_config: FeatureConfig, settings: RunSettings,
               storage_options: dict | None = None, report_dir: str | None = None,
               retry_rejected: bool = False) -> dict:
-    """Run the flow with a shard thread pool sized to the cluster (what the CLI calls)."""
-    in_flight = settings.shard_concurrency or 2 * settings.workers
-    runnable = extract_features.with_options(task_runner=ThreadPoolTaskRunner(max_workers=in_flight))
+    """Run the flow in this process (what the CLI calls)."""
     # Heartbeats let a Prefect server notice a crashed *deployed* run; an in-process run has its caller
     # watching, and Prefect 3.9 joins the heartbeat thread at exit (~1 s, the whole cost of a no-op rerun).
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        return runnable(in_url, out_url, feature_config=feature_config, settings=settings,
+        return extract_features(in_url, out_url, feature_config=feature_config, settings=settings,
                         storage_options=storage_options, report_dir=report_dir, retry_rejected=retry_rejected)
 
 

@@ -14,12 +14,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from audiopipe.flows.shard_pool import shard_futures
 from audiopipe.infra.errors import ConfigError, StorageError
 from audiopipe.infra.runners import dask_client, gpu_workers, num_workers
 from audiopipe.infra.settings import RunSettings
@@ -203,9 +204,10 @@ def bulk_inference(task_name: str, in_url: str, out_url: str, model: str, *, rep
             summary.startup_s = time.perf_counter() - started
             logger.info("model %s loaded on %d workers in %.1f s", plan.spec.model_tag, len(pids), summary.startup_s)
             processing = time.perf_counter()
-            futures = infer_shard.map(list(plan.shards), unmapped(plan.spec), unmapped(storage), unmapped(out_url),
-                                      unmapped(plan.layout), unmapped(settings), unmapped(resources))
-            for shard, future in zip(plan.shards, futures):
+            in_flight = settings.shards_in_flight(summary.workers)
+            for shard, future in shard_futures(infer_shard, plan.shards, in_flight, spec=plan.spec, storage=storage,
+                                               out_url=out_url, layout=plan.layout, settings=settings,
+                                               resources=resources):
                 try:
                     summary.add(future.result())
                 except StorageError as exc:
@@ -278,8 +280,6 @@ FLOWS = {"transcribe": transcribe_flow, "classify": classify_flow, "separate": s
 
 
 def run_inference(task_name: str, in_url: str, out_url: str, model: str, *, settings: RunSettings, **kwargs) -> dict:
-    """Run one of the flows in-process with a shard thread pool sized to the cluster (what the CLI calls)."""
-    in_flight = settings.shard_concurrency or 2 * settings.workers
-    runnable = FLOWS[task_name].with_options(task_runner=ThreadPoolTaskRunner(max_workers=in_flight))
+    """Run one of the flows in this process (what the CLI calls)."""
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        return runnable(in_url, out_url, model, settings=settings.model_dump(mode="json"), **kwargs)
+        return FLOWS[task_name](in_url, out_url, model, settings=settings.model_dump(mode="json"), **kwargs)

@@ -39,6 +39,15 @@ class RunSettings(BaseSettings):
         Path(".audiopipe"), description="Local scratch: Dask spill directory, Prefect home for embedded runs."
     )
 
+    def shards_in_flight(self, cluster_workers: int) -> int:
+        """Shards a run keeps in flight: ``shard_concurrency``, or 2 per worker of the cluster it got.
+
+        The flows call this at run start, so a deployed run honours the ``AUDIOPIPE_*`` of the worker that
+        started it (or its ``settings`` parameter); ``cluster_workers`` is what the Dask client found, which
+        for a scheduler at ``dask_address`` need not be ``workers``.
+        """
+        return self.shard_concurrency or 2 * max(1, cluster_workers)
+
 
 def apply_prefect_defaults(work_dir: Path) -> None:
     """Set Prefect's environment defaults for embedded runs, before Prefect is imported.
