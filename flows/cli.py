@@ -9,19 +9,17 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
 from audiopipe.flows.models_cli import models_app
 from audiopipe.infra.errors import AudiopipeError, ConfigError
-from audiopipe.infra.settings import RunSettings, apply_prefect_defaults
+from audiopipe.infra.settings import RunSettings, apply_prefect_defaults, run_settings
 
 app = typer.Typer(help="audiopipe: audio archives in object storage -> features -> LSTM models -> results.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -35,7 +33,6 @@ console = Console(stderr=True)
 _FEATURE_KEYS = {"kind", "sample_rate", "n_fft", "hop_length", "n_mels", "n_mfcc", "segment_seconds"}
 _RUN_KEYS = {"files_per_shard", "workers", "dask_address", "worker_memory_limit", "shard_concurrency"}
 _OTHER_KEYS = {"storage_options", "report", "retry_rejected"}
-_SECRET_OPTIONS = {"key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY", "token": "AWS_SESSION_TOKEN"}
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -76,20 +73,13 @@ def exit_promptly_on_interrupt(grace_s: float = INTERRUPT_GRACE_S) -> None:
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
-    """Read a TOML or YAML file whose keys are the featurize options (dashes or underscores)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else yaml.safe_load(text)
-    except (OSError, tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a table/mapping of option names to values.")
-    data = {k.replace("-", "_"): v for k, v in data.items()}
-    unknown = set(data) - _FEATURE_KEYS - _RUN_KEYS - _OTHER_KEYS
-    if unknown:
-        raise ConfigError(f"config file {path} has unknown keys {sorted(unknown)}; "
-                          f"known: {sorted(_FEATURE_KEYS | _RUN_KEYS | _OTHER_KEYS)}.")
-    return data
+    """Read a TOML or YAML file whose keys are the featurize options (dashes or underscores).
+
+    Its errors give the file, line, column and kind of error, never the file's text (it may hold secrets).
+    """
+    from audiopipe.infra.config_file import read_config_file
+
+    return read_config_file(path, _FEATURE_KEYS | _RUN_KEYS | _OTHER_KEYS)
 
 
 def cli_storage_options(options_json: str | None) -> dict[str, Any]:
@@ -113,15 +103,19 @@ def json_object(text: str | None, option: str) -> dict[str, Any] | None:
 
 
 def split_secrets(options: dict[str, Any]) -> dict[str, Any]:
-    """Move credentials out of storage options into this process's environment.
+    """Move credentials out of storage options into this process's environment, or refuse them.
 
-    Flow parameters are stored by Prefect, so secrets must never be one; workers of a LocalCluster inherit
-    the environment, and remote workers use their own (instance roles, env, Prefect blocks).
+    Flow parameters are stored by Prefect, so a credential must never be one, at any depth. Those with a
+    standard AWS variable (``key``/``secret``/``token``, their ``aws_*`` and ``username``/``password`` names,
+    also under ``client_kwargs``) are moved there: botocore reads them and workers of a LocalCluster
+    inherit them; remote workers use their own (instance roles, env). Any other credential (``password``
+    under ``config_kwargs``, an ``account_key``, a proxy URL with a password...) is a ``ConfigError`` that
+    names its key path. Call before Prefect is imported.
     """
-    kept = dict(options)
-    for name, env_var in _SECRET_OPTIONS.items():
-        if name in kept:
-            os.environ[env_var] = str(kept.pop(name))
+    from audiopipe.infra.credentials import move_credentials
+
+    kept, env = move_credentials(options)
+    os.environ.update(env)
     return kept
 
 
@@ -167,15 +161,14 @@ def _featurize(in_url: str, out_url: str, given: dict[str, Any], config: Path | 
     if not merged.get("retry_rejected"):
         merged.pop("retry_rejected", None)
     cfg = FeatureConfig.from_dict({k: v for k, v in merged.items() if k in _FEATURE_KEYS})
-    try:
-        settings = RunSettings(**{k: v for k, v in merged.items() if k in _RUN_KEYS})
-    except ValueError as exc:
-        raise ConfigError(f"invalid run settings: {exc}") from None
+    settings = run_settings({k: v for k, v in merged.items() if k in _RUN_KEYS})
     options = merged.get("storage_options") or {}
     if isinstance(options, str):
         from audiopipe.infra.storage import storage_spec_from_env
 
         options = dict(storage_spec_from_env(options, env={}).options)
+    elif not isinstance(options, dict):
+        raise ConfigError("storage_options in the config file must be a table/mapping (or a JSON object string).")
     options = split_secrets(options)
     apply_prefect_defaults(settings.work_dir)
     from audiopipe.flows.extract_features import featurize as run_flow

@@ -12,17 +12,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from audiopipe.flows.safe_flow import safe_flow
 from audiopipe.flows.shard_pool import shard_futures
-from audiopipe.infra.errors import ConfigError, StorageError
+from audiopipe.infra.credentials import refuse_credentials
+from audiopipe.infra.errors import StorageError
 from audiopipe.infra.runners import dask_client, num_workers
-from audiopipe.infra.settings import RunSettings
-from audiopipe.infra.storage import StorageSpec, merged_storage_spec, open_fs, secret_option_names
+from audiopipe.infra.settings import RunSettings, run_settings
+from audiopipe.infra.storage import StorageSpec, merged_storage_spec, open_fs
 from audiopipe.tasks.discover import check_output_writable, list_audio_sources
 from audiopipe.tasks.execute import ShardResult, extract_shard
 from audiopipe.tasks.extract import SourceFile, datetime_to_us, source_version, warm_up
@@ -76,7 +78,7 @@ def plan_featurize(in_url: str, out_url: str, cfg: FeatureConfig, storage: Stora
     return RunPlan(tuple(shards), len(sources), len(sources) - len(pending), repaired)
 
 
-@flow(name="extract-features", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=False)
+@safe_flow(name="extract-features", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=False)
 def extract_features(in_url: str, out_url: str, feature_config: FeatureConfig | dict | None = None,
                      settings: RunSettings | dict | None = None, storage_options: dict | None = None,
                      report_dir: str | None = None, retry_rejected: bool = False) -> dict:
@@ -99,10 +101,7 @@ def extract_features(in_url: str, out_url: str, feature_config: FeatureConfig | 
     started = time.perf_counter()
     cfg = _feature_config(feature_config)
     settings = _run_settings(settings)
-    if secret_option_names(storage_options or {}):
-        raise ConfigError(f"storage_options {sorted(secret_option_names(storage_options))} are credentials: flow "
-                          "parameters are stored by Prefect, so pass them through the environment "
-                          "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) or a Prefect block instead.")
+    refuse_credentials(storage_options)  # a deployment's run: refused at deploy time, and here again
     storage = merged_storage_spec(storage_options)
     logger = get_run_logger()
     plan = plan_featurize(in_url, out_url, cfg, storage, settings, retry_rejected)
@@ -153,10 +152,7 @@ def _run_settings(given: RunSettings | dict | None) -> RunSettings:
     """The flow's ``settings`` parameter as ``RunSettings`` (deployments pass JSON dicts)."""
     if not isinstance(given, dict):
         return given or RunSettings()
-    try:
-        return RunSettings(**given)
-    except ValueError as exc:  # pydantic's ValidationError: name the bad fields, not a traceback
-        raise ConfigError(f"invalid run settings {sorted(given)}: {exc}") from None
+    return run_settings(given)  # names the bad fields, not a traceback and not their values
 
 
 def _add_shard(summary: RunSummary, result: ShardResult) -> None:
@@ -171,7 +167,13 @@ def _add_shard(summary: RunSummary, result: ShardResult) -> None:
 def featurize(in_url: str, out_url: str, *, feature_config: FeatureConfig, settings: RunSettings,
               storage_options: dict | None = None, report_dir: str | None = None,
               retry_rejected: bool = False) -> dict:
-    """Run the flow in this process (what the CLI calls)."""
+    """Run the flow in this process (what the CLI calls).
+
+    Raises:
+        ConfigError: ``storage_options`` hold a credential at any depth (named by key path), checked before
+            Prefect starts or stores anything; credentials come from the environment.
+    """
+    refuse_credentials(storage_options)
     # Heartbeats let a Prefect server notice a crashed *deployed* run; an in-process run has its caller
     # watching, and Prefect 3.9 joins the heartbeat thread at exit (~1 s, the whole cost of a no-op rerun).
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):

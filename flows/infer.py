@@ -14,17 +14,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from audiopipe.flows.safe_flow import safe_flow
 from audiopipe.flows.shard_pool import shard_futures
+from audiopipe.infra.credentials import refuse_credentials
 from audiopipe.infra.errors import ConfigError, StorageError
 from audiopipe.infra.runners import dask_client, gpu_workers, num_workers
 from audiopipe.infra.settings import RunSettings
-from audiopipe.infra.storage import StorageSpec, merged_storage_spec, open_fs, secret_option_names
+from audiopipe.infra.storage import StorageSpec, merged_storage_spec, open_fs
 from audiopipe.tasks.discover import check_output_writable, list_audio_sources
 from audiopipe.tasks.extract import SourceFile, datetime_to_us, source_version
 from audiopipe.tasks.infer import TASKS, InferSpec, warm_model
@@ -186,9 +188,7 @@ def bulk_inference(task_name: str, in_url: str, out_url: str, model: str, *, rep
     """The body shared by the three flows (see their docstrings)."""
     started = time.perf_counter()
     settings = settings if isinstance(settings, RunSettings) else RunSettings(**(settings or {}))
-    if secret_option_names(storage_options or {}):
-        raise ConfigError("storage_options hold credentials: flow parameters are stored by Prefect, so pass them "
-                          "through the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) or a Prefect block.")
+    refuse_credentials(storage_options)  # a deployment's run: refused at deploy time, and here again
     storage = merged_storage_spec(storage_options)
     logger = get_run_logger()
     plan = plan_inference(task_name, in_url, out_url, model, storage, settings, reprocess, window_s, batch_size)
@@ -237,7 +237,7 @@ def _resources(client, gpu: bool) -> dict | None:
 _RUNNER = ThreadPoolTaskRunner(max_workers=4)
 
 
-@flow(name="transcribe", task_runner=_RUNNER, validate_parameters=False)
+@safe_flow(name="transcribe", task_runner=_RUNNER, validate_parameters=False)
 def transcribe_flow(in_url: str, out_url: str, model: str, reprocess: bool = False,
                     storage_options: dict | None = None, settings: dict | None = None,
                     window_s: float | None = None, batch_size: int = 32, gpu: bool = False) -> dict:
@@ -258,7 +258,7 @@ def transcribe_flow(in_url: str, out_url: str, model: str, reprocess: bool = Fal
                           settings=settings, window_s=window_s, batch_size=batch_size, gpu=gpu)
 
 
-@flow(name="classify-audio", task_runner=_RUNNER, validate_parameters=False)
+@safe_flow(name="classify-audio", task_runner=_RUNNER, validate_parameters=False)
 def classify_flow(in_url: str, out_url: str, model: str, reprocess: bool = False,
                   storage_options: dict | None = None, settings: dict | None = None,
                   batch_size: int = 32, gpu: bool = False) -> dict:
@@ -267,7 +267,7 @@ def classify_flow(in_url: str, out_url: str, model: str, reprocess: bool = False
                           settings=settings, batch_size=batch_size, gpu=gpu)
 
 
-@flow(name="separate-sources", task_runner=_RUNNER, validate_parameters=False)
+@safe_flow(name="separate-sources", task_runner=_RUNNER, validate_parameters=False)
 def separate_flow(in_url: str, out_url: str, model: str, reprocess: bool = False,
                   storage_options: dict | None = None, settings: dict | None = None,
                   window_s: float | None = None, gpu: bool = False) -> dict:
@@ -280,6 +280,12 @@ FLOWS = {"transcribe": transcribe_flow, "classify": classify_flow, "separate": s
 
 
 def run_inference(task_name: str, in_url: str, out_url: str, model: str, *, settings: RunSettings, **kwargs) -> dict:
-    """Run one of the flows in this process (what the CLI calls)."""
+    """Run one of the flows in this process (what the CLI calls).
+
+    Raises:
+        ConfigError: ``storage_options`` hold a credential at any depth (named by key path), checked before
+            Prefect starts or stores anything; credentials come from the environment.
+    """
+    refuse_credentials(kwargs.get("storage_options"))
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         return FLOWS[task_name](in_url, out_url, model, settings=settings.model_dump(mode="json"), **kwargs)

@@ -8,8 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from audiopipe.infra.errors import AudiopipeError, ConfigError
-from audiopipe.infra.settings import RunSettings, apply_prefect_defaults
+from audiopipe.infra.errors import AudiopipeError
+from audiopipe.infra.settings import apply_prefect_defaults, run_settings
 
 MODEL_HELP = "REGISTRY_URL:NAME@ALIAS|VERSION of the model, e.g. s3://models:asr@champion."
 # Options shared by the three commands.
@@ -34,10 +34,7 @@ def run(task_name: str, in_url: str, out_url: str, model: str, *, reprocess: boo
 
     options = cli_storage_options(storage_options)
     given = {"workers": workers, "dask_address": dask_address, "files_per_shard": files_per_shard}
-    try:
-        settings = RunSettings(**{k: v for k, v in given.items() if v is not None})
-    except ValueError as exc:
-        raise ConfigError(f"invalid run settings: {exc}") from None
+    settings = run_settings({k: v for k, v in given.items() if v is not None})
     apply_prefect_defaults(settings.work_dir)
     from audiopipe.flows.infer import run_inference
     from audiopipe.infra.storage import merged_storage_spec

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from audiopipe.flows.extract_features import featurize
+from audiopipe.flows.safe_flow import safe_flow
 from audiopipe.flows.train_model import train_model_flow
 from audiopipe.infra.errors import ConfigError
 from audiopipe.infra.settings import RunSettings
@@ -49,7 +50,7 @@ def evaluate_on_holdout(model_ref: str, features_url: str, holdout_url: str, sto
                                cache_dir=cache_dir)["metrics"]
 
 
-@flow(name="retrain-on-new-labels")
+@safe_flow(name="retrain-on-new-labels")
 def retrain_on_new_labels(labels_url: str, audio_url: str, features_url: str, model: str,
                           holdout_labels_url: str, margin: float = 0.0, metric: str | None = None,
                           higher_is_better: bool | None = None, holdout_split: str = "test",

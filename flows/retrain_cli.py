@@ -48,15 +48,12 @@ def retrain(
     held-out table and the decision is recorded in the registry (`audiopipe models show NAME`).
     """
     from audiopipe.flows.cli import cli_storage_options, exit_promptly_on_interrupt, fail, json_object
-    from audiopipe.infra.settings import RunSettings, apply_prefect_defaults
+    from audiopipe.infra.settings import apply_prefect_defaults, run_settings
 
     exit_promptly_on_interrupt()
     run = {k: v for k, v in (("workers", workers), ("dask_address", dask_address)) if v is not None}
     try:
-        settings = RunSettings(**run)
-    except ValueError as exc:  # pydantic's check of the run settings
-        fail(f"invalid run settings: {exc}")
-    try:
+        settings = run_settings(run)
         options = cli_storage_options(storage_options)
         apply_prefect_defaults(settings.work_dir)
         from audiopipe.flows.retrain import retrain_on_new_labels

@@ -11,9 +11,11 @@ import queue
 import time
 from dataclasses import asdict
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from audiopipe.flows.safe_flow import safe_flow
+from audiopipe.infra.credentials import refuse_credentials
 from audiopipe.infra.errors import ConfigError
 from audiopipe.infra.runners import dask_client, gpu_workers
 from audiopipe.infra.settings import RunSettings
@@ -36,10 +38,11 @@ def detect_config_hash(features_url: str, storage: StorageSpec) -> str:
     return found[0]
 
 
-@flow(name="train-model", validate_parameters=False)
+@safe_flow(name="train-model", validate_parameters=False)
 def train_model_flow(spec: TrainSpec, settings: RunSettings | None = None,
                      storage_options: dict | None = None) -> dict:
     """Train ``spec.family`` on one Dask worker and register the result; returns the ``TrainResult`` dict."""
+    refuse_credentials(storage_options)  # a deployment's run: its parameters were stored before it started
     logger = get_run_logger()
     settings = settings or RunSettings(workers=1)
     storage = merged_storage_spec(storage_options)

@@ -32,6 +32,7 @@ from pathlib import Path
 import psutil
 import yaml
 
+from audiopipe.infra.deploy_check import refuse_credentials_in_deployments
 from audiopipe.infra.errors import AudiopipeError, ConfigError
 from audiopipe.infra.store import SeaweedStore, free_port
 
@@ -222,6 +223,7 @@ class LocalServe:
         A deployment whose flow file is not in the checkout yet is skipped (named in ``skipped``); any
         other deploy failure raises, with the end of ``deploy.log``.
         """
+        refuse_credentials_in_deployments(self.prefect_file)  # before anything reaches the server
         entries = read_deployments(self.prefect_file)
         ready = [e for e in entries if (self.project_root / e.flow_file).is_file()]
         self.skipped = {e.name: f"{e.flow_file} not found" for e in entries if e not in ready}

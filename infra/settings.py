@@ -8,10 +8,14 @@ data (and its hash), while these settings only say how a run executes.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from audiopipe.infra.errors import ConfigError
 
 
 class RunSettings(BaseSettings):
@@ -62,3 +66,17 @@ def apply_prefect_defaults(work_dir: Path) -> None:
     os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "false")
     # A fresh home runs the SQLite migrations on first start: ~20 s on 2 busy cores, Prefect's default limit.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def run_settings(fields: Mapping[str, Any]) -> RunSettings:
+    """``RunSettings(**fields)`` with a ``ConfigError`` that names each bad field and why, never its value.
+
+    Raises:
+        ConfigError: a field is unknown or out of its bounds.
+    """
+    try:
+        return RunSettings(**fields)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+                             for err in exc.errors(include_input=False, include_url=False))
+        raise ConfigError(f"invalid run settings ({problems}).") from None

@@ -17,9 +17,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from audiopipe.infra.credentials import credential_paths, is_credential_name
 from audiopipe.infra.errors import ConfigError, StorageError, TransientStorageError
-
-_SECRET_KEYS = ("secret", "key", "token", "password", "aws_secret_access_key", "aws_session_token")
 
 
 @dataclass(frozen=True)
@@ -32,9 +31,8 @@ class StorageSpec:
 
     options: Mapping[str, Any] = field(default_factory=dict)
 
-    def __repr__(self) -> str:  # never print secrets, even in tracebacks and Prefect parameters
-        shown = {k: ("***" if _is_secret(k) else v) for k, v in self.options.items()}
-        return f"StorageSpec({shown})"
+    def __repr__(self) -> str:  # never print secrets (at any depth), even in tracebacks and Prefect parameters
+        return f"StorageSpec({_redacted(self.options)})"
 
     __str__ = __repr__
 
@@ -47,14 +45,12 @@ class StorageSpec:
         return {}
 
 
-def _is_secret(key: str) -> bool:
-    k = key.lower()
-    return k in _SECRET_KEYS or "secret" in k or "token" in k or "password" in k
-
-
-def secret_option_names(options: Mapping[str, Any]) -> set[str]:
-    """Names of the credential entries in ``options`` (``key``, ``secret``, ``token``...)."""
-    return {k for k in options if _is_secret(k)}
+def _redacted(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: ("***" if is_credential_name(k) else _redacted(v)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redacted(v) for v in value]
+    return "***" if isinstance(value, str) and credential_paths(value) else value
 
 
 def storage_spec_from_env(options_json: str | None = None, env: Mapping[str, str] | None = None) -> StorageSpec:

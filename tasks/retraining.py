@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 
 from audiopipe.infra.errors import ConfigError, SchemaError
 from audiopipe.infra.schemas import LABELS_SPLITS, LABELS_V1, validate_table
-from audiopipe.infra.storage import (StorageSpec, describe_storage_error, open_fs, secret_option_names, to_url,
-                                     write_bytes_atomic)
+from audiopipe.infra.credentials import refuse_credentials
+from audiopipe.infra.storage import StorageSpec, describe_storage_error, open_fs, to_url, write_bytes_atomic
 from audiopipe.models.registry import CHAMPION, ModelCard, parse_model_ref
 from audiopipe.tasks.extract import source_version
 from audiopipe.tasks.training import TrainSpec
@@ -72,9 +72,7 @@ def check_request(model: str, *, margin: float = 0.0, metric: str | None = None,
         raise ConfigError(f"train_params has keys {sorted(unknown)}; allowed: {', '.join(TUNABLE)}.")
     if epochs is not None and epochs < 1:
         raise ConfigError(f"epochs must be >= 1 (got {epochs}).")
-    if secret_option_names(storage_options or {}):
-        raise ConfigError(f"storage_options {sorted(secret_option_names(storage_options))} are credentials: flow "
-                          "parameters are stored by Prefect, so pass them through the environment instead.")
+    refuse_credentials(storage_options)
     params = {**(train_params or {}), **({"epochs": epochs} if epochs is not None else {})}
     return RetrainRequest(parsed.registry_url, parsed.name, float(margin), metric, higher_is_better,
                           holdout_split, params)
