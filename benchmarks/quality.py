@@ -190,23 +190,17 @@ def probe_asr_epoch_s(features_url: str, config_hash: str, labels_url: str, over
 
 # --------------------------------------------------------------------------------------------- asr eval
 def asr_group(row: dict) -> list[str]:
-    from audiopipe.tasks.corpora_voices import HELD_OUT_VOICES
+    """The voice groups of a test utterance (held-out voices, the held-out engine, natural-sounding voices)."""
+    from audiopipe.tasks.corpora_voices import voice_groups
 
-    voice, engine = row.get("voice") or "", row.get("engine") or ""
-    if voice in HELD_OUT_VOICES:
-        return ["held_out_voices", f"held_out:{voice}"]
-    return [f"training_voices_{engine.replace('-', '_')}"]
+    return voice_groups(row.get("voice"), row.get("engine"))
 
 
 def asr_conditions(row: dict) -> list[str]:
-    """The recording conditions of a test utterance, for CER by condition (a row may be in several)."""
-    applied = list(row.get("augment") or [])
-    if not applied:
-        return ["clean"]
-    out = [name for name in ("reverb", "telephone", "mulaw") if name in applied]
-    if "noise" in applied and row.get("snr_db") is not None:
-        out.append("noise 5-15 dB" if row["snr_db"] < 15 else "noise 15-30 dB")
-    return out
+    """The recording conditions of a test utterance, each degradation on its own (a row may be in several)."""
+    from audiopipe.tasks.augment import degradation_groups
+
+    return degradation_groups(row.get("augment"), json.loads(row.get("params") or "{}"), row.get("snr_db"))
 
 
 def asr_logits(model, subsample: int, shards, split: str, limit: int | None = None):
@@ -307,7 +301,7 @@ def evaluate_asr_groups(model_ref: str, features_url: str, config_hash: str, lab
         log(f"asr: beam setting chosen on {len(val_refs)} validation utterances: {best}")
         beam_hyps: dict[int, str] = {}
         out["beam"] = {}
-        for g in ("held_out_voices", "training_voices_flite", "training_voices_espeak_ng"):
+        for g in ("held_out_voices", "held_out_engine", "training_voices_flite", "training_voices_espeak_ng"):
             idx = groups.get(g, [])[:beam_max]
             todo = [i for i in idx if i not in beam_hyps]
             if todo:

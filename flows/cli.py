@@ -207,6 +207,8 @@ def synth(
     hours: Annotated[float | None, typer.Option(help="Instead of --n: about this many hours of audio (items from each kind's mean length).")] = None,
     seed: Annotated[int, typer.Option(help="Seed: the same seed makes the same corpus.")] = 0,
     storage_options: Annotated[str | None, typer.Option(help="fsspec/s3fs options as JSON.")] = None,
+    workers: Annotated[int, typer.Option(help="speech: Dask worker processes synthesizing in parallel.")] = 2,
+    dask_address: Annotated[str | None, typer.Option(help="speech: an existing Dask scheduler instead of a local cluster.")] = None,
 ) -> None:
     """Synthesize a labelled corpus (speech with transcripts, sound classes, Bach chorales, mixtures with stems)."""
     from audiopipe.flows.synth import items_for_hours
@@ -217,7 +219,7 @@ def synth(
             raise ConfigError("give --n or --hours, not both.")
         count = items_for_hours(kind, hours) if hours is not None else (200 if n is None else n)
         options = cli_storage_options(storage_options)
-        result = run_synth(kind, out_url, count, seed, options)
+        result = run_synth(kind, out_url, count, seed, options, workers=workers, dask_address=dask_address)
     except AudiopipeError as exc:
         fail(str(exc))
     table = Table(title=f"synth {kind}", show_header=False)

@@ -15,7 +15,10 @@ cd "$ROOT"
 
 VENV="${AUDIOPIPE_VENV:-.venv}"
 STAMP="$VENV/.audiopipe-stamp"
-APT_PACKAGES=(espeak-ng sox flite fluidsynth fluid-soundfont-gm fortunes wamerican libsndfile1)
+# festival + festvox-*: the diphone (kal, ked) and HTS (slt) voices of `synth speech` (docs/corpora.md).
+# Never asterisk-* (Debian's telephony prompts and hold music): they are how audiopipe is judged from outside.
+APT_PACKAGES=(espeak-ng sox flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts
+              fluidsynth fluid-soundfont-gm fortunes wamerican libsndfile1)
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
 die() { printf '[bootstrap] ERROR: %s\n' "$*" >&2; exit 1; }

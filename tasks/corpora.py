@@ -1,15 +1,19 @@
 """Stage 0 (labelled corpora): write the ``audiopipe synth`` corpora and their LABELS_V1 table.
 
-In: a kind (``speech``, ``sounds``, ``music``, ``mixtures``), a count and a seed; the system's speech
-synthesizers (espeak-ng, flite), the ``fortunes`` text, music21's bundled Bach chorales, fluidsynth.
+In: a kind (``speech``, ``sounds``, ``music``, ``mixtures``), a count and a seed; the speech synthesizers
+(``corpora_voices``: espeak-ng, flite, festival, Piper), the text sources (``corpora_text``), music21's
+bundled Bach chorales, fluidsynth.
 Out: files under a LOCAL directory (``audio/<kind>/<split>/...``, ``midi/music/<split>/...``) and one
 ``LabelRow`` per file, whose ``source`` is the path relative to that directory; ``upload_corpus`` copies the
 directory to the store and ``LabelRow.with_prefix`` turns the paths into the URLs the manifest uses.
 
 Everything is a function of (kind, n, seed, installed package versions): item ``i`` draws from its own
-generator, so adding items never changes earlier ones. Splits: speech, sounds and mixtures cycle through
+generator, so adding items never changes earlier ones, and a range of speech items can be written on its
+own (``write_speech(start=...)``: what each Dask worker of ``flows/synth.py`` does) - except Piper's
+samples, see ``corpora_voices``. Splits: speech, sounds and mixtures cycle through
 ``SPLIT_CYCLE`` (80/10/10); a sentence's split is fixed by its hash (``corpora_text.sentence_split``), so
-test sentences are never spoken in train or val; ``HELD_OUT_VOICES`` speak only in test. Music splits by
+test sentences are never spoken in train or val; ``HELD_OUT_VOICES`` (and so the held-out engine) speak
+only in test. Music splits by
 work (BWV number), so the transpositions of one chorale stay in one split.
 """
 
@@ -19,6 +23,7 @@ import io
 import json
 import logging
 import posixpath
+import tempfile
 import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -30,15 +35,16 @@ import pyarrow.parquet as pq
 import soundfile as sf
 from fsspec.implementations.local import LocalFileSystem
 
-from audiopipe.infra.errors import SchemaError
+from audiopipe.infra.errors import ConfigError, SchemaError
 from audiopipe.infra.schemas import LABELS_KINDS, LABELS_MEDIA, LABELS_SPLITS, LABELS_V1, validate_table
 from audiopipe.infra.storage import StorageSpec, describe_storage_error, join, open_fs, to_url, write_bytes_atomic
 from audiopipe.tasks.corpora_music import (TRANSPOSE_SEMITONES, chorale_paths, load_chorale, melody_tokens,
                                            render_midi, save_midi, work_split)
 from audiopipe.tasks.corpora_sounds import SOUND_CLASSES, fit_length, mix_at_snr, sound_clip
-from audiopipe.tasks.corpora_text import load_sentences
-from audiopipe.tasks.corpora_voices import (ESPEAK, FLITE, HELD_OUT_VOICES, SAMPLE_RATE_HZ, augment_speech,
-                                            speak_voice, training_voices)
+from audiopipe.tasks.augment import augment_speech
+from audiopipe.tasks.corpora_text import make_sentence
+from audiopipe.tasks.corpora_voices import (ENGINE_WEIGHTS, HELD_OUT_VOICES, SAMPLE_RATE_HZ, babble_bank,
+                                            speak_many, speak_voice, training_voices, voice_params)
 
 logger = logging.getLogger(__name__)
 
@@ -95,19 +101,19 @@ def split_for(index: int) -> str:
     return SPLIT_CYCLE[index % len(SPLIT_CYCLE)]
 
 
-def choose_voice(split: str, index: int, rng: np.random.Generator, *, flite_fraction: float = 0.4) -> str:
+def choose_voice(split: str, index: int, rng: np.random.Generator) -> str:
     """The voice of item ``index``: every other test item takes the next held-out voice in turn, every
-    other item a training voice, flite with probability ``flite_fraction`` and espeak-ng otherwise."""
+    other item a training voice of an engine drawn by ``ENGINE_WEIGHTS``."""
     turn = index // len(SPLIT_CYCLE)
     if split == "test" and turn % 2 == 0:
         return HELD_OUT_VOICES[(turn // 2) % len(HELD_OUT_VOICES)]
-    pool = training_voices(FLITE if rng.random() < flite_fraction else ESPEAK)
+    engines = list(ENGINE_WEIGHTS)
+    pool = training_voices(engines[int(rng.choice(len(engines), p=list(ENGINE_WEIGHTS.values())))])
     return pool[int(rng.integers(len(pool)))]
 
 
 def _sentence(split: str, rng: np.random.Generator) -> str:
-    pool = load_sentences()[split]
-    return pool[int(rng.integers(len(pool)))]
+    return make_sentence(split, rng)[0]
 
 
 def save_wav(out_dir: Path, rel: str, samples: np.ndarray) -> float:
@@ -118,27 +124,37 @@ def save_wav(out_dir: Path, rel: str, samples: np.ndarray) -> float:
     return round(samples.size / SAMPLE_RATE_HZ, 6)
 
 
-def write_speech(out_dir: Path, *, n: int, seed: int, clean_fraction: float = 0.3) -> list[LabelRow]:
-    """Write ``n`` utterances ``audio/speech/<split>/speech-<i>.wav`` (16 kHz mono) with transcripts.
+def write_speech(out_dir: Path, *, n: int, seed: int, start: int = 0, clean_fraction: float | None = None
+                 ) -> list[LabelRow]:
+    """Write utterances ``start .. n-1`` as ``audio/speech/<split>/speech-<i>.wav`` (16 kHz mono).
 
-    Each utterance is a fortunes sentence of its split said by a voice (``choose_voice``) at a random
-    rate and pitch, then augmented (``augment_speech``: reverb, telephone, mu-law, noise at 5-30 dB).
+    Each utterance is a sentence of its split from a text source (``corpora_text.make_sentence``) said by a
+    voice (``choose_voice``) at random engine parameters, then degraded (``augment.augment_speech``: speed,
+    pitch, vtlp, reverb, babble or noise at 0-30 dB, telephone, gain, clip; a noise floor always). All
+    utterances are planned first, then said (festival's in one process), then degraded in order.
 
     Returns:
-        One row per file: ``text`` the transcript, ``voice``, ``engine``, ``augment``, ``snr_db``.
+        One row per file: ``text`` the transcript, ``voice``, ``engine``, ``augment`` (the degradations in
+        the order applied), ``snr_db``, and in ``params`` the engine's and each degradation's parameters plus
+        ``text_source`` and ``held_out`` (the voice is in ``HELD_OUT_VOICES``).
     """
-    rows = []
-    for i in range(n):
+    plans = []
+    for i in range(start, n):
         rng, split = item_rng(seed, "speech", i), split_for(i)
-        text = _sentence(split, rng)
+        text, source = make_sentence(split, rng)
         voice = choose_voice(split, i, rng)
-        x, params = speak_voice(text, voice, rng=rng)
-        y, applied, snr_db, aug = augment_speech(x, rng=rng, clean_fraction=clean_fraction)
+        plans.append((i, rng, split, text, source, voice, voice_params(voice, rng)))
+    said = speak_many([(text, voice, params) for _, _, _, text, _, voice, params in plans])
+    kwargs = {} if clean_fraction is None else {"clean_fraction": clean_fraction}
+    rows = []
+    for (i, rng, split, text, source, voice, params), x in zip(plans, said):
+        y, applied, snr_db, aug = augment_speech(x, rng=rng, babble=babble_bank(), **kwargs)
         rel = f"audio/speech/{split}/speech-{i:06d}.wav"
+        extra = {"text_source": source, "held_out": voice in HELD_OUT_VOICES}
         rows.append(LabelRow(source=rel, kind="speech", split=split, engine=voice.split(":")[0], seed=seed,
                              text=text, voice=voice, augment=tuple(applied), snr_db=snr_db,
                              duration_s=save_wav(out_dir, rel, y), sample_rate=SAMPLE_RATE_HZ,
-                             params=json.dumps(params | aug, sort_keys=True)))
+                             params=json.dumps(params | aug | extra, sort_keys=True)))
     return rows
 
 
@@ -246,6 +262,27 @@ def write_music(out_dir: Path, *, n: int, seed: int, render_every: int = 4) -> l
 
 # Explicit registry of the corpus kinds `audiopipe synth KIND` accepts.
 CORPUS_WRITERS = {"speech": write_speech, "sounds": write_sounds, "music": write_music, "mixtures": write_mixtures}
+
+
+def write_and_upload(kind: str, out_url: str, storage: StorageSpec, *, start: int, stop: int, seed: int,
+                     options: dict[str, Any] | None = None) -> tuple[list[LabelRow], int]:
+    """Worker task: write items ``start .. stop-1`` of ``kind`` to a local temporary directory, upload them
+    under ``out_url`` (so a worker on another machine needs no shared disk) -> ``(rows with URLs, files)``.
+
+    Only ``speech`` takes a start index (the others are written whole, ``start`` must be 0); ``options`` are
+    passed on to the writer (e.g. ``real`` for sounds).
+
+    Raises:
+        ConfigError: for another kind with ``start`` > 0. StorageError: when the store refuses the upload.
+    """
+    writer = CORPUS_WRITERS[kind]
+    if start and kind != "speech":
+        raise ConfigError(f"only speech is written in ranges; {kind} starts at 0, got {start}")
+    with tempfile.TemporaryDirectory(prefix=f"audiopipe-synth-{kind}-") as tmp:
+        rows = writer(Path(tmp), n=stop, seed=seed, **({"start": start} if start else {}), **(options or {}))
+        num_files = sum(1 for p in Path(tmp).rglob("*") if p.is_file())
+        prefix = upload_corpus(Path(tmp), out_url, storage)
+    return [row.with_prefix(prefix) for row in rows], num_files
 
 
 def labels_table(rows: list[LabelRow]) -> pa.Table:

@@ -16,13 +16,15 @@ import soundfile as sf
 from audiopipe.flows.synth import synth
 from audiopipe.infra.errors import ConfigError, SchemaError
 from audiopipe.infra.schemas import LABELS_V1
+from audiopipe.tasks import augment
 from audiopipe.tasks import corpora_voices as voices
 from audiopipe.tasks.corpora import (SOUND_CLASS_NAMES, LabelRow, labels_table, write_mixtures, write_music,
                                      write_sounds, write_speech)
-from audiopipe.tasks.corpora_text import VOCAB, clean_sentence, load_lexicon, number_words, sentence_split
+from audiopipe.tasks.corpora_text import (TEXT_SOURCES, VOCAB, clean_sentence, load_lexicon, make_sentence,
+                                          number_words, sentence_split)
 
 SR = voices.SAMPLE_RATE_HZ
-NUM_SPEECH = 50  # test items at 0, 10, ..., 40: held-out voices at 0, 20, 40 (all three)
+NUM_SPEECH = 70  # test items at 0, 10, ..., 60: held-out voices at 0, 20, 40, 60 (all four)
 
 
 def _read(path: Path) -> np.ndarray:
@@ -36,7 +38,7 @@ def _files(root: Path) -> set[str]:
 
 
 def _snr_db(speech: np.ndarray, background: np.ndarray) -> float:
-    return 10 * np.log10(voices.power(speech) / voices.power(background))
+    return 10 * np.log10(augment.power(speech) / augment.power(background))
 
 
 @pytest.fixture(scope="module")
@@ -87,62 +89,148 @@ def test_speech_labels_match_files(speech: tuple[Path, list[LabelRow]]) -> None:
     for r in rows:
         x = _read(out / r.source)
         assert r.duration_s == pytest.approx(x.size / SR, abs=1e-4) and r.sample_rate == SR
-        assert 0.05 < np.max(np.abs(x)) <= 1.0 and r.source.startswith(f"audio/speech/{r.split}/")
+        floor = 0.01 if {"gain", "clip"} & set(r.augment) else 0.3  # gain: down to -25 dB, clip: 0.3 of the peak
+        assert floor < np.max(np.abs(x)) <= 1.0 and r.source.startswith(f"audio/speech/{r.split}/")
 
 
 def test_transcripts_use_only_the_vocabulary(speech: tuple[Path, list[LabelRow]]) -> None:
     for r in speech[1]:
-        assert set(r.text) <= set(VOCAB) and 3 <= len(r.text.split()) <= 15 and r.text == r.text.strip()
+        assert set(r.text) <= set(VOCAB) and r.text and r.text == " ".join(r.text.split())
+        assert json.loads(r.params)["text_source"] in TEXT_SOURCES
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_every_text_source_speaks_its_split(split: str) -> None:
+    rng, seen = np.random.default_rng(3), {}
+    for _ in range(300):
+        text, source = make_sentence(split, rng)
+        assert sentence_split(text) == split and set(text) <= set(VOCAB) and text == " ".join(text.split())
+        seen.setdefault(source, []).append(text)
+    assert set(seen) == set(TEXT_SOURCES)
+    assert min(len(t.split()) for t in seen["commands"]) <= 3  # short prompts as well as long sentences
+    assert any(" p m" in t or " a m" in t or "o'clock" in t for t in seen["call_centre"] + seen["numbers"])
+    assert any(all(len(w) == 1 for w in t.split()[-4:]) for t in seen["spelled"])  # letter by letter
+    assert not any(ch.isdigit() for texts in seen.values() for t in texts for ch in t)
 
 
 def test_held_out_voices_and_sentences_only_in_test(speech: tuple[Path, list[LabelRow]]) -> None:
     rows = speech[1]
     held = set(voices.HELD_OUT_VOICES)
-    assert {r.voice for r in rows if r.voice in held} == held  # all three spoke
+    assert {r.voice for r in rows if r.voice in held} == held  # all four spoke
     assert all(r.split == "test" for r in rows if r.voice in held)
     assert all(sentence_split(r.text) == r.split for r in rows)  # test sentences never in train/val
     train_variants = {r.voice.split("+")[-1] for r in rows if r.split != "test" and "+" in r.voice}
     assert not train_variants & {"f4", "m3"}
-    assert {r.engine for r in rows if r.split == "train"} == {"espeak-ng", "flite"}
+    assert {r.engine for r in rows if r.split == "train"} == {"espeak-ng", "flite", "festival", "piper"}
+    assert {r.engine for r in rows if r.split == "test"} >= {"festival-hts"}  # the unseen engine
+    assert all(json.loads(r.params)["held_out"] == (r.voice in held) for r in rows)
     assert {r.split for r in rows} == {"train", "val", "test"}
 
 
 def test_training_voices_exclude_held_out() -> None:
-    pool = voices.training_voices("espeak-ng") + voices.training_voices("flite")
+    pool = sum((voices.training_voices(e) for e in voices.ENGINES), ())
     assert len(voices.training_voices("espeak-ng")) > 100 and len(voices.training_voices("flite")) >= 3
+    assert voices.training_voices("festival") == ("festival:kal_diphone", "festival:ked_diphone")
+    assert voices.training_voices("piper") == ("piper:joe",) and voices.training_voices("festival-hts") == ()
     assert not set(pool) & set(voices.HELD_OUT_VOICES)
     assert not any(v.endswith(("+f4", "+m3")) for v in pool)
 
 
 def test_speech_is_deterministic(speech: tuple[Path, list[LabelRow]], tmp_path: Path) -> None:
     out, rows = speech
-    again = write_speech(tmp_path, n=4, seed=7)
-    assert again == rows[:4]
-    for r in again:
-        assert (tmp_path / r.source).read_bytes() == (out / r.source).read_bytes()
+    again = write_speech(tmp_path, n=12, seed=7, start=4)  # a range on its own, as a Dask worker writes it
+    assert [r.text for r in again] == [r.text for r in rows[4:12]] and any(r.engine == "piper" for r in again)
+    for r, first in zip(again, rows[4:12]):
+        if r.engine == "piper":  # its generator noise is unseeded inside the ONNX graph: same text and params only
+            assert (r.voice, r.augment, r.params) == (first.voice, first.augment, first.params)
+            continue
+        assert r == first and (tmp_path / r.source).read_bytes() == (out / r.source).read_bytes()
 
 
-def test_add_noise_hits_the_snr() -> None:
+@pytest.mark.parametrize("voice", ["espeak-ng:en-us", "flite:awb", "flite:kal", "flite:kal16", "flite:rms",
+                                   "flite:slt", "festival:kal_diphone", "festival:ked_diphone",
+                                   "festival-hts:cmu_us_slt_arctic_hts", "piper:joe"])
+def test_every_engine_says_a_sentence(voice: str) -> None:
+    text = "please call me back at two thirty p m tomorrow"
+    x, params = voices.speak_voice(text, voice, rng=np.random.default_rng(0))
+    assert x.dtype == np.float32 and np.max(np.abs(x)) == pytest.approx(0.9, abs=1e-3) and params
+    assert 1.5 < x.size / SR < 6.0  # nine words at a speaking rate, neither empty nor a runaway
+    frames = x[: x.size // 400 * 400].reshape(-1, 400)  # 25 ms frames: speech has loud and quiet ones
+    level_db = 10 * np.log10(np.mean(frames**2, axis=1) + 1e-12)
+    assert np.percentile(level_db, 90) - np.percentile(level_db, 10) > 15
+
+
+def test_festival_batch_keeps_order_and_refuses_bad_text() -> None:
+    said = voices.festival_many([("one", "kal_diphone", 1.0), ("one two three four five six", "ked_diphone", 1.0)])
+    assert said[0][0].size < said[1][0].size and [sr for _, sr in said] == [16000, 16000]
+    with pytest.raises(ValueError, match="VOCAB"):
+        voices.festival_many([('say "hi") (quit', "kal_diphone", 1.0)])
+
+
+def test_add_noise_and_babble_hit_the_snr() -> None:
     rng = np.random.default_rng(0)
     x = voices.speak_voice("a short test sentence", "espeak-ng:en-us", rng=rng)[0]
-    for snr in (5.0, 17.5, 30.0):
-        y = voices.add_noise(x, snr_db=snr, color="pink", rng=rng)
+    for snr in (0.0, 17.5, 30.0):
+        y = augment.add_noise(x, snr_db=snr, color="pink", rng=rng)
+        assert _snr_db(x, y - x) == pytest.approx(snr, abs=0.05)
+        y = augment.add_babble(x, voices.babble_bank(), talkers=4, snr_db=snr, rng=rng)
         assert _snr_db(x, y - x) == pytest.approx(snr, abs=0.05)
 
 
-def test_telephone_reverb_mulaw() -> None:
+def _peak_hz(x: np.ndarray) -> float:
+    return float(np.fft.rfftfreq(x.size, 1 / SR)[np.argmax(np.abs(np.fft.rfft(x * np.hanning(x.size))))])
+
+
+def test_speed_pitch_vtlp_move_frequencies() -> None:
+    tone = (0.5 * np.sin(2 * np.pi * 500 * np.arange(SR) / SR)).astype(np.float32)
+    fast = augment.speed(tone, 1.1)
+    assert fast.size == pytest.approx(SR / 1.1, abs=2) and _peak_hz(fast) == pytest.approx(550, abs=3)
+    up = augment.pitch_shift(tone, 12.0)
+    assert up.size == tone.size and _peak_hz(up[2000:-2000]) == pytest.approx(1000, abs=10)
+    warped = augment.vtlp(tone, 1.1)
+    assert warped.size == tone.size and _peak_hz(warped[2000:-2000]) == pytest.approx(550, abs=20)
+
+
+@pytest.mark.parametrize("codec", augment.CODECS)
+def test_telephone_chain(codec: str) -> None:
     rng = np.random.default_rng(1)
     x = rng.standard_normal(SR).astype(np.float32) * 0.1
-    tel = voices.telephone(x)
+    tel = augment.telephone(x, codec=codec)
     spec_in, spec_out = np.abs(np.fft.rfft(x)), np.abs(np.fft.rfft(tel))
     freqs = np.fft.rfftfreq(x.size, 1 / SR)
     assert tel.shape == x.shape and spec_out[freqs > 4500].mean() < 0.01 * spec_in[freqs > 4500].mean()
-    assert spec_out[(freqs > 800) & (freqs < 2500)].mean() > 0.5 * spec_in[(freqs > 800) & (freqs < 2500)].mean()
-    rev = voices.reverb(x, rt60_s=0.4, wet=0.5, rng=rng)
-    assert rev.shape == x.shape and voices.power(rev) == pytest.approx(voices.power(x), rel=1e-3)
-    law = voices.mulaw(x)
-    assert len(np.unique(voices.mulaw(np.linspace(-1, 1, 10_000)))) <= 256
-    assert np.max(np.abs(law - x)) < 0.01
+    assert spec_out[(freqs > 800) & (freqs < 2500)].mean() > 0.4 * spec_in[(freqs > 800) & (freqs < 2500)].mean()
+    clean = augment.telephone(x)
+    err_db = 10 * np.log10(augment.power(clean) / max(augment.power(tel - clean), 1e-20))
+    assert {"linear": err_db > 100, "mulaw": 25 < err_db < 45, "alaw": 25 < err_db < 45, "gsm": err_db < 25}[codec]
+    dropped = augment.telephone(x, codec=codec, drop_rate=0.5, rng=rng)
+    assert augment.power(dropped) < 0.8 * augment.power(tel)
+    with pytest.raises(ValueError, match="codec"):
+        augment.telephone(x, codec="opus")
+
+
+def test_reverb_uses_room_impulse_responses() -> None:
+    bank = augment.rir_bank()
+    assert len(bank) == 24 and bank == augment.rir_bank()  # fixed by the seed
+    click = np.zeros(SR, np.float32)
+    click[100] = 1.0
+    for ir in bank[:4]:
+        wet = augment.reverb(click, ir)
+        tail = wet[100 + int(0.05 * SR):]
+        assert wet.shape == click.shape and augment.power(wet) == pytest.approx(augment.power(click), rel=1e-3)
+        assert np.sum(tail**2) > 0.01 * np.sum(wet**2)  # energy keeps arriving 50 ms after the direct sound
+
+
+def test_augment_speech_records_what_it_did() -> None:
+    x = voices.speak_voice("a short test sentence for the chain", "flite:kal", rng=np.random.default_rng(0))[0]
+    seen: set[str] = set()
+    for i in range(60):
+        y, applied, snr_db, params = augment.augment_speech(x, rng=np.random.default_rng(i), babble=voices.babble_bank())
+        seen |= set(applied)
+        assert (snr_db is not None) == bool({"noise", "babble"} & set(applied)) and np.max(np.abs(y)) <= 1.0
+        assert -85 <= params["floor_db"] <= -65 and np.count_nonzero(y == 0) < 10  # no digital silence
+        assert ("speed" in applied) == (y.size != x.size)
+    assert seen == set(augment.AUGMENT_PROBABILITIES)
 
 
 def test_sounds_classes_all_present(sounds: tuple[Path, list[LabelRow]]) -> None:
@@ -230,6 +318,16 @@ def test_synth_rejects_bad_arguments(tmp_path: Path, kind: str, n: int, seed: in
     assert not any(tmp_path.iterdir())
 
 
+def test_synth_speech_runs_ranges_on_dask_workers(tmp_path: Path) -> None:
+    counts = synth("speech", str(tmp_path / "out"), 7, 7, None, workers=2, chunk_items=3)
+    assert counts["tasks"] == 3 and counts["num_rows"] == counts["num_files"] == 7
+    table = pq.read_table(tmp_path / "out/labels/labels.parquet", use_threads=False).to_pylist()
+    assert [Path(r["source"]).name for r in table] == [f"speech-{i:06d}.wav" for i in range(7)]
+    local = write_speech(tmp_path / "local", n=7, seed=7)
+    assert [(r["text"], r["voice"], r["augment"]) for r in table] == [(r.text, r.voice, list(r.augment)) for r in local]
+    assert all(Path(r["source"].removeprefix("file://")).is_file() for r in table)
+
+
 def test_every_split_of_mixtures_sees_every_background(tmp_path):
     from collections import defaultdict
 
@@ -260,3 +358,17 @@ def test_synth_cli_hours_picks_the_count_and_reports_the_audio(tmp_path: Path) -
     assert both.exit_code == 2 and "not both" in both.output and not (tmp_path / "x").exists()
     with pytest.raises(ConfigError, match="positive"):
         items_for_hours("speech", 0)
+
+
+def test_evaluation_groups_report_voices_engines_and_each_degradation(speech) -> None:
+    hts = voices.voice_groups("festival-hts:cmu_us_slt_arctic_hts", "festival-hts")
+    assert hts == ["held_out_voices", "held_out:festival-hts:cmu_us_slt_arctic_hts", "held_out_engine", "held_out_natural"]
+    assert voices.voice_groups("flite:rms", "flite") == ["held_out_voices", "held_out:flite:rms"]
+    assert voices.voice_groups("piper:joe", "piper") == ["training_voices_piper", "training_natural"]
+    assert augment.degradation_groups([], {}, None) == ["clean"]
+    assert augment.degradation_groups(["reverb", "babble", "telephone"], {"codec": "gsm"}, 7.5) == [
+        "reverb", "babble", "telephone", "telephone:gsm", "snr 0-10 dB"]
+    assert augment.degradation_groups(["noise"], {}, 30.0) == ["noise", "snr 20-30 dB"]
+    for r in speech[1]:  # every label row can be grouped from what the labels carry
+        groups = augment.degradation_groups(r.augment, json.loads(r.params), r.snr_db)
+        assert groups == ["clean"] or set(r.augment) <= set(groups)
