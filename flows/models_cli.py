@@ -20,6 +20,7 @@ from rich.text import Text
 
 from audiopipe.infra.errors import AudiopipeError, ConfigError
 from audiopipe.infra.storage import storage_spec_from_env
+from audiopipe.models.cards import PIN_PREFIX
 from audiopipe.models.registry import CHAMPION, ModelCard, ParsedRef, Registry, parse_model_ref
 
 REGISTRY_ENV = "AUDIOPIPE_REGISTRY"
@@ -53,7 +54,8 @@ def open_registry(ref: str, registry: str | None, storage_options: str | None, *
     if not url:
         raise ConfigError(f"no registry for {ref!r}: write REGISTRY_URL:{parsed.name}@..., pass --registry URL "
                           f"or set {REGISTRY_ENV}.")
-    return Registry(url, storage_spec_from_env(storage_options)), ParsedRef(None, parsed.name, parsed.selector)
+    return (Registry(url, storage_spec_from_env(storage_options)),
+            ParsedRef(None, parsed.name, parsed.selector, parsed.sha256))
 
 
 @models_app.command("list")
@@ -84,8 +86,8 @@ def list_models(
 
 @models_app.command()
 def show(
-    ref: Annotated[str, typer.Argument(help="[REGISTRY_URL:]NAME@VERSION|ALIAS|latest for one card, or "
-                                            "[REGISTRY_URL:]NAME for the model's versions and history.")],
+    ref: Annotated[str, typer.Argument(help="[REGISTRY_URL:]NAME@VERSION|ALIAS|latest[#sha256=HEX] for one card, "
+                                            "or [REGISTRY_URL:]NAME for the model's versions and history.")],
     registry: RegistryOption = None,
     storage_options: StorageOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the card as JSON (one version only).")] = False,
@@ -114,9 +116,14 @@ def promote(
     registry: RegistryOption = None,
     storage_options: StorageOption = None,
 ) -> None:
-    """Point an alias (default: champion) at a version; recorded in the model's alias history."""
+    """Point an alias (default: champion) at a version; recorded in the model's alias history.
+
+    A pinned REF (NAME@VERSION#sha256=HEX) is promoted only if that version still holds that exact file.
+    """
     try:
         reg, parsed = open_registry(ref, registry, storage_options, require_selector=True)
+        if parsed.sha256:
+            reg.get_card(parsed)  # refuses a version whose model file is not the pinned one
         before = reg.aliases(parsed.name).get(alias)
         target = reg.promote(parsed.name, parsed.selector, alias=alias, reason=reason)
     except AudiopipeError as exc:
@@ -189,6 +196,7 @@ def _show_card(reg: Registry, card: ModelCard, aliases: str) -> None:
     rows = [
         ("registry", reg.url), ("family", card.model_family), ("created", card.created_at),
         ("aliases", aliases or "-"), ("model.keras", f"{card.model_size} bytes, sha256 {card.model_sha256}"),
+        ("pinned ref", f"{reg.url}:{card.name}@{card.version}{PIN_PREFIX}{card.model_sha256}"),
         ("code version", card.code_version), ("feature config", f"{card.feature_config_hash} "
                                               f"{json.dumps(dict(card.feature_config), sort_keys=True)}"),
         ("training data", f"{len(data.shards)} shards, shards hash {data.shards_hash[:16]}, "

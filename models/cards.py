@@ -31,6 +31,9 @@ CHAMPION = "champion"
 MARGIN_EPS = 1e-12
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _REF_FORMS = "NAME@N (a version number), NAME@ALIAS (e.g. NAME@champion) or NAME@latest"
+# A ref may end in a pin, ``#sha256=<64 hex>``: the version it resolves to must hold exactly that model.keras.
+PIN_PREFIX = "#sha256="
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 class RegistryError(AudiopipeError):
@@ -46,14 +49,19 @@ class IntegrityError(RegistryError):
 
 @dataclass(frozen=True)
 class ModelRef:
-    """One committed version of one model in one registry; ``str()`` gives ``REGISTRY_URL:NAME@VERSION``."""
+    """One committed version of one model in one registry; ``str()`` gives ``REGISTRY_URL:NAME@VERSION``.
+
+    ``sha256`` is set when the ref was pinned (``...#sha256=HEX``): the registry then refuses a card whose
+    ``model_sha256`` differs, and ``str()`` keeps the pin.
+    """
 
     registry_url: str
     name: str
     version: int
+    sha256: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.registry_url}:{self.short}"
+        return f"{self.registry_url}:{self.short}" + (f"{PIN_PREFIX}{self.sha256}" if self.sha256 else "")
 
     @property
     def short(self) -> str:
@@ -62,21 +70,28 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class ParsedRef:
-    """A ref as written: ``[REGISTRY_URL:]NAME[@SELECTOR]``; selector is a version number, an alias or ``latest``."""
+    """A ref as written: ``[REGISTRY_URL:]NAME[@SELECTOR][#sha256=HEX]``; selector is a version number, an
+    alias or ``latest``; ``sha256`` the pinned checksum of the model file, if any."""
 
     registry_url: str | None
     name: str
     selector: str | None
+    sha256: str | None = None
 
 
 def parse_model_ref(text: str, *, require_selector: bool = True) -> ParsedRef:
     """Split ``s3://bucket/reg:asr@champion``, ``/data/reg:asr@3`` or ``asr@latest`` into its parts.
 
     The registry URL is everything before the last ``:`` whose tail holds no ``/``, so URLs with a scheme
-    work unchanged. Raises:
-        RegistryError: for an empty or malformed ref, naming the accepted forms.
+    work unchanged. A trailing ``#sha256=HEX`` (the full 64 hex digits) pins the model file. Raises:
+        RegistryError: for an empty or malformed ref or pin, naming the accepted forms.
     """
     text = text.strip()
+    text, pinned, pin = text.partition(PIN_PREFIX)
+    pin = pin.lower()
+    if pinned and not _SHA256_RE.match(pin):
+        raise RegistryError(f"the pin in model ref {text + pinned + pin!r} must be the full sha256 of model.keras, "
+                            "64 hex digits (`audiopipe models show REF` prints it).")
     url, sep, tail = text.rpartition(":")
     if not sep or "/" in tail:
         url, tail = "", text
@@ -89,7 +104,10 @@ def parse_model_ref(text: str, *, require_selector: bool = True) -> ParsedRef:
                             "with REGISTRY_URL: (e.g. s3://bucket/registry:asr@champion).")
     if selector and not selector.isdigit():
         check_name(selector, what="alias")
-    return ParsedRef(url or None, name, selector or None)
+    if pinned and not selector:
+        raise RegistryError(f"model ref {text + pinned + pin!r} pins a checksum but names no version: write "
+                            f"NAME@VERSION{PIN_PREFIX}HEX or NAME@ALIAS{PIN_PREFIX}HEX.")
+    return ParsedRef(url or None, name, selector or None, pin or None)
 
 
 def check_name(name: str, *, what: str) -> str:

@@ -108,10 +108,12 @@ class Registry:
 
     # -- refs
     def resolve(self, ref: str | ModelRef | ParsedRef) -> ModelRef:
-        """``NAME@N``, ``NAME@ALIAS``, ``NAME@latest`` (optionally ``URL:``-prefixed) -> a committed version."""
-        if isinstance(ref, ModelRef):
-            ref = ParsedRef(ref.registry_url, ref.name, str(ref.version))
-        parsed = parse_model_ref(ref) if isinstance(ref, str) else ref
+        """``NAME@N``, ``NAME@ALIAS``, ``NAME@latest`` (optionally ``URL:``-prefixed) -> a committed version.
+
+        A pin (``#sha256=HEX``) is carried on the returned ref and checked by ``get_card``, ``fetch`` and
+        ``load``, each on the card they read.
+        """
+        parsed = _parsed(ref)
         if parsed.registry_url and Registry(parsed.registry_url, self.storage).url != self.url:
             raise RegistryError(f"ref {parsed.registry_url}:{parsed.name} points at another registry than {self.url}.")
         versions = self.list_versions(parsed.name)
@@ -131,14 +133,28 @@ class Registry:
         if version not in versions:
             raise RegistryError(f"{parsed.name}@{version} is not a committed version in {self.url}; "
                                 f"versions: {', '.join(map(str, versions))}.")
-        return ModelRef(self.url, parsed.name, version)
+        return ModelRef(self.url, parsed.name, version, parsed.sha256)
 
     def get_card(self, ref: str | ModelRef | ParsedRef) -> ModelCard:
-        ref = self.resolve(ref)
+        """The card of the version ``ref`` resolves to.
+
+        Raises:
+            RegistryError: no such version, a card that is not this version's, or a pinned ref
+                (``#sha256=HEX``) whose version now holds another model file.
+        """
+        parsed = _parsed(ref)
+        ref = self.resolve(parsed)
         path = join(self._vdir(ref.name, ref.version), CARD_FILE)
         card = ModelCard.from_dict(self._read_json(path, required=True))
         if (card.name, card.version) != (ref.name, ref.version):
             raise RegistryError(f"{to_url(self._fs, path)} describes {card.name}@{card.version}, not {ref.short}.")
+        if ref.sha256 and card.model_sha256 != ref.sha256:
+            raise RegistryError(
+                f"{self.url}:{ref.name}@{parsed.selector} is pinned to sha256 {ref.sha256}, but it resolves to "
+                f"version {ref.version}, whose model.keras has sha256 {card.model_sha256}. Nothing was loaded. "
+                f"The alias was moved or the version rewritten since the pin was taken: check "
+                f"`audiopipe models show {self.url}:{ref.name}` (alias history) and change the pin only if "
+                "the new model is intended.")
         return card
 
     # -- writing versions
@@ -385,17 +401,25 @@ def open_model_ref(text: str, storage: StorageSpec | None = None, *,
         raise RegistryError(f"model ref {text!r} names no registry: write REGISTRY_URL:{parsed.name}@... "
                             "or give the registry URL separately.")
     registry = Registry(url, storage)
-    return registry, registry.resolve(ParsedRef(None, parsed.name, parsed.selector))
+    local = ParsedRef(None, parsed.name, parsed.selector, parsed.sha256)
+    if parsed.sha256:
+        registry.get_card(local)  # a pin that no longer matches fails here, before any work starts
+    return registry, registry.resolve(local)
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    """(sha256 hex, size in bytes) of a local file, read in 1 MiB chunks."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
 
 
 def verify_file(path: Path, *, sha256: str, size: int, label: str | None = None) -> None:
     """Raise ``IntegrityError`` unless ``path`` has exactly ``size`` bytes and the given sha256."""
-    digest, actual_size = hashlib.sha256(), 0
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-            actual_size += len(chunk)
-    actual = digest.hexdigest()
+    actual, actual_size = file_digest(path)
     if actual_size != size or actual != sha256:
         what = "is truncated or padded" if actual_size != size else "was modified after registration"
         raise IntegrityError(f"{label or path} {what}: expected sha256 {sha256} ({size} bytes), got sha256 {actual} "
@@ -424,6 +448,12 @@ def _alias_stack(history: Sequence[Mapping[str, Any]], alias: str) -> list[int]:
         else:
             stack = [*stack, version]
     return stack
+
+
+def _parsed(ref: str | ModelRef | ParsedRef) -> ParsedRef:
+    if isinstance(ref, ModelRef):
+        return ParsedRef(ref.registry_url, ref.name, str(ref.version), ref.sha256)
+    return parse_model_ref(ref) if isinstance(ref, str) else ref
 
 
 def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:

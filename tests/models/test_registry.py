@@ -271,3 +271,90 @@ def test_s3_registry_round_trip(s3_store, bucket, model_files, tmp_path):
     reg.compare_and_promote("clf", 2, metric="accuracy", higher_is_better=True)
     model, card = Registry(f"s3://{bucket}/registry").load("clf@champion", tmp_path / "cache")
     assert card.version == 2 and model.predict(X, verbose=0).shape == (3, 3)
+
+
+@pytest.mark.s3
+def test_lambda_layer_is_refused_on_load_and_its_code_never_runs(s3_store, bucket, tmp_path):
+    """Write access to the registry is enough to register a model whose Lambda layer carries Python
+    bytecode; its checksum is right, so only Keras's safe mode stands between that code and a worker."""
+    import keras
+
+    marker = str(tmp_path / "code-ran")  # a str: the lambda's closure is serialized with the model
+    evil = keras.Sequential([keras.Input((4,)), keras.layers.Lambda(lambda x: (open(marker, "w").close(), x)[1]),
+                             keras.layers.Dense(3, activation="softmax")])
+    Path(marker).unlink()  # building the model ran the lambda once; from here only a load may run it
+    reg = Registry(f"s3://{bucket}/registry")
+    ref = register(reg, evil)
+    with pytest.raises(RegistryError) as info:
+        Registry(f"s3://{bucket}/registry").load("clf@latest", tmp_path / "cache")
+    message = str(info.value)
+    assert "clf@1 passed its checksum but Keras cannot load it in safe mode" in message
+    assert "Lambda layers are refused" in message and "Python lambda" in message
+    assert not Path(marker).exists()
+    # The control: the same verified file, loaded without safe mode and called, runs the planted code.
+    path, _ = reg.fetch(ref, tmp_path / "cache")
+    keras.saving.load_model(path, safe_mode=False).predict(X, verbose=0)
+    assert Path(marker).exists()
+
+
+def test_pinned_ref_loads_only_the_pinned_file(registry, model_files, tmp_path):
+    first, second = register(registry, model_files[0]), register(registry, model_files[1])
+    registry.promote("clf", 1)
+    sha1 = registry.get_card(first).model_sha256
+    pinned = f"{registry.url}:clf@champion#sha256={sha1.upper()}"  # hex case does not matter
+    reg, ref = open_model_ref(pinned)
+    assert (ref.version, ref.sha256) == (1, sha1) and str(ref) == f"{registry.url}:clf@1#sha256={sha1}"
+    assert reg.load(ref, tmp_path / "cache")[1].version == 1
+    registry.promote("clf", 2)  # champion moves on: the pin no longer matches what it resolves to
+    sha2 = registry.get_card(second).model_sha256
+    for attempt in (lambda: open_model_ref(pinned), lambda: registry.load(pinned, tmp_path / "cache"),
+                    lambda: registry.fetch(ref.__class__(registry.url, "clf", 2, sha1), tmp_path / "cache")):
+        with pytest.raises(RegistryError) as info:
+            attempt()
+        message = str(info.value)
+        assert f"pinned to sha256 {sha1}" in message and f"version 2, whose model.keras has sha256 {sha2}" in message
+        assert "Nothing was loaded" in message and "models show" in message
+    # A version rewritten in place by someone who can write both files: the card matches the new file,
+    # so only a pin notices.
+    vdir = f"{registry._root}/clf/versions/0001"
+    card = json.loads(registry._fs.cat_file(f"{vdir}/card.json"))
+    registry._fs.pipe_file(f"{vdir}/model.keras", registry._fs.cat_file(model_path(registry, second)))
+    registry._fs.pipe_file(f"{vdir}/card.json", json.dumps({**card, "model_sha256": sha2}).encode())
+    assert registry.load("clf@1", tmp_path / "cache2")[1].model_sha256 == sha2
+    with pytest.raises(RegistryError, match=f"clf@1 is pinned to sha256 {sha1}"):
+        registry.load(f"clf@1#sha256={sha1}", tmp_path / "cache2")
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("reg:asr@champion#sha256=abc123", "64 hex digits"),
+    ("reg:asr@champion#sha256=" + "g" * 64, "64 hex digits"),
+    ("reg:asr#sha256=" + "a" * 64, "names no version"),
+])
+def test_bad_pins_are_refused_with_the_form_to_use(text, needle):
+    with pytest.raises(RegistryError, match=needle):
+        parse_model_ref(text, require_selector=False)
+
+
+def test_cli_refuses_a_stale_pin_before_any_work_and_shows_the_pin(tmp_path, model_files):
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from audiopipe.flows.models_cli import models_app
+    from tests.support import cli_env
+
+    registry = Registry(str(tmp_path / "registry"))
+    first = register(registry, model_files[0])
+    register(registry, model_files[1])
+    registry.promote("clf", 2)
+    sha1 = registry.get_card(first).model_sha256
+    (tmp_path / "in").mkdir()
+    cmd = [sys.executable, "-m", "audiopipe.flows.cli", "classify", str(tmp_path / "in"), str(tmp_path / "out"),
+           "--model", f"{registry.url}:clf@champion#sha256={sha1}", "--no-progress"]
+    result = subprocess.run(cmd, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    text = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 2 and f"pinned to sha256 {sha1}" in text, text
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work" / "models").exists()  # nothing started
+    shown = CliRunner().invoke(models_app, ["show", f"{registry.url}:clf@1"], env={"COLUMNS": "400"})
+    assert f"{registry.url}:clf@1#sha256={sha1}" in "".join(shown.output.split()), shown.output
