@@ -31,6 +31,7 @@ import numpy as np
 
 from audiopipe.infra.errors import ConfigError, SchemaError
 from audiopipe.infra.storage import StorageSpec, describe_storage_error, join, open_fs, to_url, write_bytes_atomic
+from audiopipe.tasks.checkpoints import STATE_FILE, load_checkpoint
 from audiopipe.tasks.training import TrainResult, TrainSpec, fit_with_checkpoints, write_training_report
 
 log = logging.getLogger(__name__)
@@ -380,15 +381,18 @@ def _model_or_checkpoint(spec: TrainSpec, ckpt_dir: Path, vocab: MusicVocab, lab
     except TypeError as exc:
         raise ConfigError(f"unknown music model override in {sorted(overrides)}: {exc}; use "
                           f"embed_dim, lstm_units, dropout or {', '.join(TRAIN_OPTIONS)}") from exc
-    data_file, state = ckpt_dir / "music_data.json", ckpt_dir / "state.json"
+    data_file, state = ckpt_dir / "music_data.json", ckpt_dir / STATE_FILE
     data = {"labels_sha256": labels_sha256, "vocabulary": list(vocab.to_strings())}
     if state.exists():
         if not data_file.exists() or json.loads(data_file.read_text()) != data:
             raise ConfigError(f"the labels changed since checkpoint {ckpt_dir} was written; delete that folder "
                               "to start over, or train on the labels it was made from")
-        epoch = json.loads(state.read_text())["epoch"]
-        log.info("resuming %s from its checkpoint after epoch %d", spec.run_key, epoch)
-        return keras.saving.load_model(ckpt_dir / "last.keras", safe_mode=True), cfg, epoch
+        resumed = load_checkpoint(ckpt_dir)  # verified against state.json; a bad one is set aside: start over
+        if resumed is not None:
+            model, saved = resumed
+            log.info("resuming %s from its checkpoint after epoch %d (%s, sha256 %s verified)", spec.run_key,
+                     saved.epoch, saved.model_file, saved.model_sha256[:12])
+            return model, cfg, saved.epoch
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     data_file.write_text(json.dumps(data))
     model = build_music_gen(cfg)

@@ -25,7 +25,6 @@ evaluates, reports and registers. No Prefect or Dask imports here.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from dataclasses import asdict, fields
@@ -38,6 +37,7 @@ from audiopipe.infra.storage import StorageSpec
 from audiopipe.models.separation import SeparationConfig
 from audiopipe.tasks.separation_data import (SPLITS, AudioLoader, MixtureItem, audio_loader, load_mixture_items,
                                              load_triplet, log_magnitude_stats, missing_files, separation_dataset)
+from audiopipe.tasks.checkpoints import load_checkpoint
 from audiopipe.tasks.training import TrainResult, TrainSpec, fit_with_checkpoints, write_training_report
 
 log = logging.getLogger(__name__)
@@ -222,11 +222,12 @@ def _model_or_checkpoint(spec: TrainSpec, ckpt_dir: Path, cfg: SeparationConfig)
 
     from audiopipe.models.separation import build_separation, separation_losses
 
-    state = ckpt_dir / "state.json"
-    if state.exists():
-        epoch = json.loads(state.read_text())["epoch"]
-        log.info("resuming %s from its checkpoint after epoch %d", spec.run_key, epoch)
-        return keras.saving.load_model(ckpt_dir / "last.keras", safe_mode=True), epoch
+    resumed = load_checkpoint(ckpt_dir)  # verified against state.json; a bad one is set aside: start over
+    if resumed is not None:
+        model, state = resumed
+        log.info("resuming %s from its checkpoint after epoch %d (%s, sha256 %s verified)", spec.run_key,
+                 state.epoch, state.model_file, state.model_sha256[:12])
+        return model, state.epoch
     model = build_separation(cfg)
     model.compile(keras.optimizers.Adam(spec.learning_rate, clipnorm=CLIPNORM), loss=separation_losses())
     return model, 0

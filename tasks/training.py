@@ -2,7 +2,8 @@
 
 In: a ``TrainSpec`` (family, where the features and labels are, the registry, epochs...). Out: a small
 ``TrainResult`` (model ref, test metrics). ``train_model`` runs on one Dask worker (the GPU one when asked);
-it checkpoints every epoch under ``work_dir/checkpoints/<run key>`` so the same command resumes a killed run.
+it checkpoints every epoch under ``work_dir/checkpoints/<run key>`` (``tasks/checkpoints.py``: checksum-verified
+before a resume) so the same command resumes a killed run.
 No Prefect or Dask imports here.
 """
 
@@ -203,16 +204,21 @@ def _datasets(spec: TrainSpec, shards, target, target_spec) -> dict:
 
 
 def model_or_checkpoint(spec: TrainSpec, ckpt_dir: Path, num_bins: int, vocab_or_classes):
-    import keras
+    """(model, config, epochs done): this run's verified checkpoint, else a fresh model at epoch 0.
 
-    state = ckpt_dir / "state.json"
+    A checkpoint that fails its checksum is set aside with a warning and the run starts over
+    (``tasks/checkpoints.py`` says why).
+    """
+    from audiopipe.tasks.checkpoints import load_checkpoint
+
     model, cfg = _build(spec, num_bins, vocab_or_classes)
-    if state.exists():
-        epoch = json.loads(state.read_text())["epoch"]
-        model = keras.saving.load_model(ckpt_dir / "last.keras", safe_mode=True)
-        log.info("resuming %s from its checkpoint after epoch %d", spec.run_key, epoch)
-        return model, cfg, epoch
-    return model, cfg, 0
+    resumed = load_checkpoint(ckpt_dir)
+    if resumed is None:
+        return model, cfg, 0
+    model, state = resumed
+    log.info("resuming %s from its checkpoint after epoch %d (%s, sha256 %s verified)", spec.run_key,
+             state.epoch, state.model_file, state.model_sha256[:12])
+    return model, cfg, state.epoch
 
 
 def warm_start(model, cfg, spec: TrainSpec, storage: StorageSpec, vocab_or_classes):
@@ -250,31 +256,33 @@ def warm_start(model, cfg, spec: TrainSpec, storage: StorageSpec, vocab_or_class
 
 def fit_with_checkpoints(spec: TrainSpec, model, datasets, ckpt_dir: Path, start_epoch: int) -> dict:
     """``model.fit`` from ``start_epoch`` with early stopping, the spec's learning-rate schedule and a
-    checkpoint (model + history + epoch) after every epoch; returns the whole history, earlier runs included."""
+    checkpoint (model + history, committed by ``state.json`` with the model's sha256) after every epoch;
+    returns the whole history, earlier runs included. ``tasks/checkpoints.py`` has the folder's layout."""
     import keras
 
+    from audiopipe.tasks.checkpoints import HISTORY_FILE, STATE_FILE, save_checkpoint
+
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    history_file = ckpt_dir / "history.json"
+    history_file, state_file = ckpt_dir / HISTORY_FILE, ckpt_dir / STATE_FILE
     past = json.loads(history_file.read_text()) if history_file.exists() else {}
+    # A kill after history.json but before state.json leaves one epoch too many here: the state decides.
+    past = {k: list(v)[:start_epoch] for k, v in past.items()}
 
     class SaveState(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             for k, v in (logs or {}).items():
                 past.setdefault(k, []).append(float(v))
-            self.model.save(ckpt_dir / "last.keras")
-            history_file.write_text(json.dumps(past))
-            (ckpt_dir / "state.json").write_text(json.dumps({"epoch": epoch + 1}))
+            save_checkpoint(self.model, ckpt_dir, epoch=epoch + 1, history=past)
             publish_epoch(spec, epoch + 1, logs or {})
 
-    state_file = ckpt_dir / "state.json"
     finished = state_file.exists() and json.loads(state_file.read_text()).get("done", False)
     if start_epoch < spec.epochs and not finished:  # a run that stopped early is done, not resumable
         callbacks = [keras.callbacks.EarlyStopping(patience=spec.patience, restore_best_weights=True),
                      lr_callback(spec), SaveState()]
         model.fit(datasets["train"], validation_data=datasets["val"], epochs=spec.epochs,
                   initial_epoch=start_epoch, callbacks=callbacks, verbose=2)
-        model.save(ckpt_dir / "last.keras")  # the restored best weights, not the last epoch's
-        state_file.write_text(json.dumps({"epoch": len(past.get("loss", [])), "done": True}))
+        # the restored best weights, not the last epoch's
+        save_checkpoint(model, ckpt_dir, epoch=len(past.get("loss", [])), history=past, done=True)
     return past
 
 

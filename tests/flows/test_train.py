@@ -1,12 +1,19 @@
 """Training end to end on real parts: synth -> featurize -> train on a Dask worker -> registry.
 
 Tiny corpus and 2 epochs: this checks the plumbing (labels joined to shards, checkpoints, resume,
-registry card, report), not model quality (that is benchmarks/quality territory).
+registry card, report), not model quality (that is benchmarks/quality territory). One test SIGKILLs a real
+training process mid-run and resumes it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,8 +28,9 @@ from audiopipe.infra.settings import RunSettings
 from audiopipe.infra.storage import StorageSpec
 from audiopipe.models.registry import Registry
 from audiopipe.tasks.evaluation import evaluate_registered
+from audiopipe.tasks.checkpoints import read_state
 from audiopipe.tasks.features import FeatureConfig
-from audiopipe.tasks.training import TrainSpec
+from audiopipe.tasks.training import TrainSpec, train_model
 
 pytestmark = [pytest.mark.slow]
 
@@ -148,6 +156,65 @@ def test_labels_for_sources_never_featurized_are_refused(sounds, tmp_path, prefe
                        StorageSpec())
     with pytest.raises(ConfigError, match="no committed feature shards"):  # empty: nothing featurized there
         open_shard_set(str(tmp_path / "empty"), "0" * 12, str(tmp_path / "ghost.parquet"), StorageSpec())
+
+
+# One training process: train_model, the function a Dask worker runs for `audiopipe train`, called as is.
+TRAIN_PROCESS = """
+import json, logging, sys
+logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
+from audiopipe.infra.storage import StorageSpec
+from audiopipe.tasks.training import TrainSpec, train_model
+result = train_model(TrainSpec(**json.loads(sys.argv[1])), StorageSpec())
+print("RESULT " + json.dumps({"resumed_from_epoch": result.resumed_from_epoch, "epochs_run": result.epochs_run,
+                              "model_ref": result.model_ref}))
+"""
+
+
+def test_sigkilled_training_resumes_from_its_last_checkpoint(sounds, tmp_path, prefect_api):
+    """A training process is SIGKILLed after its first checkpoint; the same command run again resumes after
+    the last committed epoch, keeps the epochs already trained, and ends where an uninterrupted run ends."""
+    featurize(str(sounds / "corpus" / "audio"), str(tmp_path / "feat"), feature_config=_cfg(),
+              settings=RunSettings(workers=1, work_dir=tmp_path / "work"))
+    common = dict(family="classify", features_url=str(tmp_path / "feat"),
+                  labels_url=str(sounds / "corpus" / "labels" / "labels.parquet"),
+                  config_hash=detect_config_hash(str(tmp_path / "feat"), StorageSpec()), epochs=4, batch_size=8,
+                  patience=10, model_overrides={"conv_channels": [8], "lstm_units": 8})
+    spec = TrainSpec(registry_url=str(tmp_path / "reg"), work_dir=str(tmp_path / "killed"), **common)
+    ckpt = Path(spec.work_dir) / "checkpoints" / spec.run_key
+    cmd = [sys.executable, "-c", TRAIN_PROCESS, json.dumps(asdict(spec))]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((ckpt / "state.json").exists() and read_state(ckpt).epoch >= 1):
+            assert proc.poll() is None and time.monotonic() < deadline, "no first checkpoint"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    at_kill = read_state(ckpt)
+    assert 1 <= at_kill.epoch < spec.epochs and not at_kill.done, "the run must die mid-training"
+    kept = json.loads((ckpt / "history.json").read_text())["loss"][:at_kill.epoch]
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    out = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, out
+    result = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
+    assert f"resuming {spec.run_key} from its checkpoint after epoch {at_kill.epoch}" in out
+    assert result["resumed_from_epoch"] == at_kill.epoch and result["model_ref"].endswith("classify@1")
+    card = Registry(spec.registry_url).get_card("classify@1")
+    assert card.history["loss"][:at_kill.epoch] == pytest.approx(kept)  # the epochs before the kill, not redone
+
+    whole = train_model(TrainSpec(registry_url=str(tmp_path / "reg2"), work_dir=str(tmp_path / "whole"), **common),
+                        StorageSpec())
+    assert whole.resumed_from_epoch == 0 and result["epochs_run"] == whole.epochs_run == spec.epochs
+    assert len(card.history["loss"]) == len(Registry(str(tmp_path / "reg2")).get_card("classify@1").history["loss"])
+    assert read_state(ckpt).done and read_state(ckpt).epoch == spec.epochs
 
 
 def _cfg():

@@ -90,12 +90,14 @@ def test_resumes_a_killed_run_from_its_last_checkpoint(trained):
     spec, _ = trained
     ckpt = Path(spec.work_dir) / "checkpoints" / spec.run_key
     # what the checkpoint folder holds when the run is killed after epoch 1 of 2
-    (ckpt / "state.json").write_text(json.dumps({"epoch": 1}))
+    state = json.loads((ckpt / "state.json").read_text())  # the finished run's, checksum included
+    (ckpt / "state.json").write_text(json.dumps({**state, "epoch": 1, "done": False}))
     history = json.loads((ckpt / "history.json").read_text())
     (ckpt / "history.json").write_text(json.dumps({k: v[:1] for k, v in history.items()}))
     again = train_music(spec, StorageSpec())
     assert again.resumed_from_epoch == 1 and again.epochs_run == 2 and again.model_ref.endswith("music@2")
-    assert json.loads((ckpt / "state.json").read_text()) == {"epoch": 2, "done": True}
+    state = json.loads((ckpt / "state.json").read_text())
+    assert (state["epoch"], state["done"], state["model_file"]) == (2, True, "final-0002.keras")
 
 
 def test_generate_writes_midi_with_length_notes_and_a_wav(trained, tmp_path):

@@ -78,12 +78,14 @@ def test_trains_registers_reports_and_resumes(mixtures, trained):
 
     # A run killed after its first epoch: the checkpoint says epoch 1, so the same call trains only epoch 2.
     ckpt = root / "work" / "checkpoints" / spec.run_key
-    (ckpt / "state.json").write_text(json.dumps({"epoch": 1}))
+    state = json.loads((ckpt / "state.json").read_text())  # the finished run's, checksum included
+    (ckpt / "state.json").write_text(json.dumps({**state, "epoch": 1, "done": False}))
     history = json.loads((ckpt / "history.json").read_text())
     (ckpt / "history.json").write_text(json.dumps({k: v[:1] for k, v in history.items()}))
     second = ts.train_separation(spec, STORAGE)
     assert second.resumed_from_epoch == 1 and second.epochs_run == 2
-    assert json.loads((ckpt / "state.json").read_text()) == {"epoch": 2, "done": True}
+    state = json.loads((ckpt / "state.json").read_text())
+    assert (state["epoch"], state["done"], state["model_file"]) == (2, True, "final-0002.keras")
     assert registry.list_versions("separate") == [1, 2]
     assert second.metrics["oracle_irm_si_sdri_db"] == pytest.approx(m["oracle_irm_si_sdri_db"])
 

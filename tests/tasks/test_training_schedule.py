@@ -65,7 +65,7 @@ def test_fit_applies_the_cosine_rate_each_epoch_and_a_resume_continues_the_curve
     assert len(json.loads((ckpt / "history.json").read_text())["loss"]) == 3
     (ckpt / "state.json").write_text(json.dumps({"epoch": 3}))  # a killed run never wrote "done"
 
-    resumed = keras.saving.load_model(ckpt / "last.keras")
+    resumed = keras.saving.load_model(ckpt / state["model_file"])
     history = fit_with_checkpoints(spec, resumed, data, ckpt, 3)
     assert state["epoch"] == 3
     assert history["learning_rate"] == pytest.approx(expected, rel=1e-5)
