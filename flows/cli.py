@@ -284,7 +284,7 @@ def train(
 
 @app.command()
 def evaluate(
-    model_ref: Annotated[str, typer.Argument(help="REGISTRY_URL:NAME@ALIAS|VERSION, e.g. s3://reg:classify@champion.")],
+    model_ref: Annotated[str, typer.Argument(help="REGISTRY_URL:NAME@ALIAS|VERSION[#sha256=HEX], e.g. s3://reg:classify@champion.")],
     labels: Annotated[str, typer.Option(help="LABELS_V1 table of the labelled set.")],
     data: Annotated[str | None, typer.Option(help="classify/asr (required): featurize output root of the labelled "
                                                   "set (same feature config). Not used by music and separate.")] = None,

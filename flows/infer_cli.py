@@ -11,7 +11,8 @@ from rich.table import Table
 from audiopipe.infra.errors import AudiopipeError
 from audiopipe.infra.settings import apply_prefect_defaults, run_settings
 
-MODEL_HELP = "REGISTRY_URL:NAME@ALIAS|VERSION of the model, e.g. s3://models:asr@champion."
+MODEL_HELP = ("REGISTRY_URL:NAME@ALIAS|VERSION of the model, e.g. s3://models:asr@champion; append "
+              "#sha256=HEX to run only that exact model file (docs/registry.md, Pinning).")
 # Options shared by the three commands.
 In = Annotated[str, typer.Argument(help="Recordings: s3://bucket/prefix, file:///path or a path.")]
 Out = Annotated[str, typer.Argument(help="Results root (any fsspec URL); results go under <task>/model=<name>/version=<v>/.")]
