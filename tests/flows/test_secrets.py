@@ -228,7 +228,8 @@ def test_deployments_with_credentials_are_refused_at_deploy_time(tmp_path, prefe
     for name, result in by_hand.items():
         text = " ".join((result.stdout + result.stderr).split())
         assert result.returncode != 0 and "would store credentials" in text, (name, text)
-    assert "parameters.storage_options.secret" in " ".join((by_hand["--param"].stdout + by_hand["--param"].stderr).split())
+    param_text = by_hand["--param"].stdout + by_hand["--param"].stderr
+    assert "parameters.storage_options.secret" in " ".join(param_text.split())
     with get_client(sync_client=True) as client:
         with pytest.raises(ObjectNotFound):
             client.read_deployment_by_name("extract-features/featurize-archive")
@@ -243,3 +244,56 @@ def test_deployments_with_credentials_are_refused_at_deploy_time(tmp_path, prefe
     printed["refusal of --param"] = param_output[param_output.index("Running deployment build steps"):]
     homes = {str(p): p.read_bytes().decode("latin-1") for p in (tmp_path / "prefect-home").rglob("*") if p.is_file()}
     assert leaked(planted_values, {**printed, **homes, **db_texts(prefect_db)}) == []
+
+
+@pytest.mark.parametrize("name", ["key", "secret", "token", "password", "username", "aws_access_key_id",
+                                  "AWS_SECRET_ACCESS_KEY", "aws_session_token", "account_key", "sas_token",
+                                  "connection_string", "client_secret", "credentials", "SSECustomerKey", "api_key",
+                                  "private_key", "refresh_token", "Authorization"])
+def test_credential_names(name):
+    from audiopipe.infra.credentials import is_credential_name
+
+    assert is_credential_name(name)
+
+
+@pytest.mark.parametrize("name", ["profile", "endpoint_url", "region_name", "anon", "use_ssl", "signature_version",
+                                  "retries", "max_attempts", "SSEKMSKeyId", "requester_pays", "AWS_ENDPOINT_URL",
+                                  "AWS_REGION", "client_kwargs", "config_kwargs", "in_url", "model"])
+def test_not_credential_names(name):
+    from audiopipe.infra.credentials import is_credential_name
+
+    assert not is_credential_name(name)
+
+
+def test_move_credentials_to_the_standard_variables_and_refuse_the_rest():
+    from audiopipe.infra.credentials import credential_paths, move_credentials
+
+    kept, env = move_credentials({"username": "K", "client_kwargs": {"aws_secret_access_key": "S", "region_name": "r"},
+                                  "aws_session_token": "T", "profile": "p", "endpoint_url": "http://h:1"})
+    assert env == {"AWS_ACCESS_KEY_ID": "K", "AWS_SECRET_ACCESS_KEY": "S", "AWS_SESSION_TOKEN": "T"}
+    assert kept == {"client_kwargs": {"region_name": "r"}, "profile": "p", "endpoint_url": "http://h:1"}
+    found = credential_paths({"model": "s3://models:asr@champion", "a": [{"b": {"sas_token": "x"}}],
+                              "proxy": "https://me:pw@proxy:3128", "c": {"token": None}})
+    assert found == ["a[0].b.sas_token", "proxy"]
+    with pytest.raises(ConfigError, match="key and aws_access_key_id both give AWS_ACCESS_KEY_ID") as raised:
+        move_credentials({"key": "K1", "aws_access_key_id": "K2"})
+    assert "K1" not in str(raised.value) and "K2" not in str(raised.value)
+
+
+@pytest.mark.parametrize("name, text, where", [
+    ("a.yaml", "storage_options:\n  secret: {s}: x\n", "line 2"),
+    ("b.yaml", "storage_options: {{secret: '{s}\n", "line 2"),
+    ("c.yaml", "storage_options:\n  secret: *{s}\n", "line 2"),
+    ("d.yaml", "storage_options: !{s} x\n", "line 1"),
+    ("e.toml", "[storage_options]\nsecret = {s} x\n", "line 2"),
+    ("f.toml", 'storage_options = {{secret = "{s}\n', "line 1"),
+])
+def test_config_file_errors_never_quote_the_file(tmp_path, name, text, where):
+    from audiopipe.infra.config_file import read_config_file
+
+    secret = planted("config")
+    (tmp_path / name).write_text(text.format(s=secret))
+    with pytest.raises(ConfigError) as raised:
+        read_config_file(tmp_path / name, {"storage_options"})
+    message = str(raised.value)
+    assert name in message and where in message and secret not in message, message
