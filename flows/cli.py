@@ -247,6 +247,7 @@ def train(
     name: Annotated[str | None, typer.Option(help="Registry model name (default: the family).")] = None,
     dask_address: Annotated[str | None, typer.Option(help="Existing Dask scheduler; a 1-worker local cluster otherwise.")] = None,
     storage_options: Annotated[str | None, typer.Option(help="fsspec/s3fs options as JSON.")] = None,
+    lm_text: Annotated[str | None, typer.Option(help="asr: text file (a sentence per line) to fit the character LM that ships with the model on (default: the training transcripts).")] = None,
 ) -> None:
     """Train an LSTM model on feature shards and labels, on a Dask worker, and register it with its metrics.
 
@@ -268,7 +269,14 @@ def train(
             raise ConfigError(f"`train {family}` needs --features: the featurize output to train on.")
         if features and not config_hash:
             config_hash = detect_config_hash(features, storage)
-        spec = TrainSpec(family, features or "", labels, registry, config_hash or "",
+        if lm_text:  # read it now: a bad file should not wait for the end of training to fail
+            from audiopipe.models.asr_ctc import DEFAULT_VOCAB
+            from audiopipe.tasks.train_lm import read_lm_sentences
+
+            if family != "asr":
+                raise ConfigError("--lm-text applies to `train asr` (the LM shipped with a recogniser).")
+            read_lm_sentences(lm_text, storage, DEFAULT_VOCAB)
+        spec = TrainSpec(family, features or "", labels, registry, config_hash or "", lm_text_url=lm_text,
                          epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                          lr_schedule=lr_schedule, init_from=init_from, require_gpu=gpu, model_name=name,
                          model_overrides=json_object(model_config, "--model-config") or {}, work_dir=str(settings.work_dir))

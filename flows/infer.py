@@ -10,6 +10,7 @@ Every parameter is plain JSON, so the flows deploy as they are (``infra/prefect.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from audiopipe.tasks.infer_run import InferShardResult, infer_shard
 from audiopipe.tasks.progress import ProgressEvent, report
 from audiopipe.tasks.shards import ShardPlan, plan_shards, read_manifest, reconcile
 
+log = logging.getLogger(__name__)
 DEFAULT_WINDOW_S = {"transcribe": 10.0, "separate": 20.0}  # classify uses the model's feature segments
 DEFAULT_CONTEXT_S = {"transcribe": 1.0, "classify": 0.0, "separate": 0.5}
 
@@ -111,8 +113,11 @@ class InferPlan:
 
 
 def model_spec(task_name: str, model: str, storage: StorageSpec, *, in_url: str, work_dir: Path,
-               window_s: float | None = None, batch_size: int = 32) -> InferSpec:
+               window_s: float | None = None, batch_size: int = 32, decoder: dict | None = None) -> InferSpec:
     """Resolve ``model`` and download it, verifying its checksum, before any work is planned.
+
+    ``decoder`` (transcribe): ``beam_width``, ``lm_weight``, ``insertion_bonus`` overriding the setting
+    stored on the card (``tasks.infer_decode.decoder_fields``); by default the model's LM and beam search.
 
     Raises:
         ConfigError: the model's family does not do this task, or its card lacks a usable feature config.
@@ -134,20 +139,35 @@ def model_spec(task_name: str, model: str, storage: StorageSpec, *, in_url: str,
         window = float(card.feature_config["segment_seconds"])
     else:
         window = window_s or DEFAULT_WINDOW_S[task_name]
+    decoding = {}
+    if task_name == "transcribe":
+        from audiopipe.tasks.infer_decode import decoder_fields
+
+        decoding, note = decoder_fields(card, **(decoder or {}))
+        if note:
+            log.info(note)
+        if decoding["lm_file"]:  # verified now, like the model: a damaged LM stops the run before any work
+            registry.fetch_file(ref, decoding["lm_file"], work_dir / "models")
     return InferSpec(task=task_name, registry_url=registry.url, model_name=ref.name, model_version=ref.version,
                      model_sha256=card.model_sha256, feature_config=dict(card.feature_config), labels=labels,
                      subsample=int(model_cfg.get("subsample", 1)), window_s=window,
                      context_s=DEFAULT_CONTEXT_S[task_name], batch_size=batch_size, in_url=in_url,
-                     cache_dir=str(work_dir / "models"))
+                     cache_dir=str(work_dir / "models"), **decoding)
 
 
 @task(name="plan-inference", cache_policy=NO_CACHE)
 def plan_inference(task_name: str, in_url: str, out_url: str, model: str, storage: StorageSpec,
-                   settings: RunSettings, reprocess: bool, window_s: float | None, batch_size: int) -> InferPlan:
+                   settings: RunSettings, reprocess: bool, window_s: float | None, batch_size: int,
+                   decoder: dict | None = None) -> InferPlan:
     logger = get_run_logger()
     check_output_writable(out_url, storage)
     spec = model_spec(task_name, model, storage, in_url=in_url, work_dir=Path(settings.work_dir),
-                      window_s=window_s, batch_size=batch_size)
+                      window_s=window_s, batch_size=batch_size, decoder=decoder)
+    if task_name == "transcribe" and not spec.lm_file:
+        logger.warning("%s has no character LM stored with it (registered before audiopipe stored one; retrain to "
+                       "get one): decoding with %s", spec.model_tag, spec.describe_decoder())
+    elif task_name == "transcribe":
+        logger.info("%s: decoding with %s", spec.model_tag, spec.describe_decoder())
     sources = list_audio_sources(in_url, storage)
     fs, root = open_fs(out_url, storage)
     layout = ResultLayout(root, task_name, spec.model_name, spec.model_version)
@@ -155,7 +175,9 @@ def plan_inference(task_name: str, in_url: str, out_url: str, model: str, storag
     repaired = reconcile(fs, layout)
     write_model_info(out_url, storage, layout, {"model": spec.model_tag, "registry": spec.registry_url,
                                                 "model_sha256": spec.model_sha256, "task": task_name,
-                                                "feature_config": spec.feature_config, "labels": list(spec.labels)})
+                                                "feature_config": spec.feature_config, "labels": list(spec.labels),
+                                                **({"decoder": spec.describe_decoder()} if task_name == "transcribe"
+                                                   else {})})
     pending = sources if reprocess else _pending(sources, fs, layout)
     shards = plan_shards(pending, settings.files_per_shard, by_size=True)  # similar lengths batch together
     logger.info("%s with %s: %d recordings listed, %d already answered, %d to process in %d shards",
@@ -184,14 +206,16 @@ def _pending(sources: list[SourceFile], fs, layout: ResultLayout) -> list[Source
 
 def bulk_inference(task_name: str, in_url: str, out_url: str, model: str, *, reprocess: bool = False,
                    storage_options: dict | None = None, settings: dict | RunSettings | None = None,
-                   window_s: float | None = None, batch_size: int = 32, gpu: bool = False) -> dict:
+                   window_s: float | None = None, batch_size: int = 32, gpu: bool = False,
+                   decoder: dict | None = None) -> dict:
     """The body shared by the three flows (see their docstrings)."""
     started = time.perf_counter()
     settings = settings if isinstance(settings, RunSettings) else RunSettings(**(settings or {}))
     refuse_credentials(storage_options)  # a deployment's run: refused at deploy time, and here again
     storage = merged_storage_spec(storage_options)
     logger = get_run_logger()
-    plan = plan_inference(task_name, in_url, out_url, model, storage, settings, reprocess, window_s, batch_size)
+    plan = plan_inference(task_name, in_url, out_url, model, storage, settings, reprocess, window_s, batch_size,
+                          decoder)
     report(ProgressEvent(files_total=sum(len(s.files) for s in plan.shards)))
     summary = InferSummary(task=task_name, model=f"{plan.spec.registry_url}:{plan.spec.model_tag}",
                            recordings_listed=plan.listed, recordings_skipped=plan.skipped, reconciled=plan.reconciled)
@@ -240,7 +264,9 @@ _RUNNER = ThreadPoolTaskRunner(max_workers=4)
 @safe_flow(name="transcribe", task_runner=_RUNNER, validate_parameters=False)
 def transcribe_flow(in_url: str, out_url: str, model: str, reprocess: bool = False,
                     storage_options: dict | None = None, settings: dict | None = None,
-                    window_s: float | None = None, batch_size: int = 32, gpu: bool = False) -> dict:
+                    window_s: float | None = None, batch_size: int = 32, gpu: bool = False,
+                    beam_width: int | None = None, lm_weight: float | None = None,
+                    insertion_bonus: float | None = None) -> dict:
     """Transcribe every recording under ``in_url`` not yet transcribed by this model version.
 
     Args:
@@ -253,9 +279,15 @@ def transcribe_flow(in_url: str, out_url: str, model: str, reprocess: bool = Fal
         window_s: Window core length for long recordings (default 10 s, plus 1 s of context each side).
         batch_size: Windows per model call.
         gpu: Run on Dask workers that advertise ``GPU`` (fails if there are none).
+        beam_width: CTC prefix beam search width (1 = greedy). Default: the model card's setting (beam
+            search with the character LM stored with the model; greedy for a model stored without one).
+        lm_weight: Weight of the LM's log-probability (default: the card's, chosen on validation).
+        insertion_bonus: Score bonus per character (default: the card's, chosen on validation).
     """
+    decoder = {k: v for k, v in (("beam_width", beam_width), ("lm_weight", lm_weight),
+                                 ("insertion_bonus", insertion_bonus)) if v is not None}
     return bulk_inference("transcribe", in_url, out_url, model, reprocess=reprocess, storage_options=storage_options,
-                          settings=settings, window_s=window_s, batch_size=batch_size, gpu=gpu)
+                          settings=settings, window_s=window_s, batch_size=batch_size, gpu=gpu, decoder=decoder)
 
 
 @safe_flow(name="classify-audio", task_runner=_RUNNER, validate_parameters=False)

@@ -82,15 +82,20 @@ def register(app: typer.Typer) -> None:
                    dask_address: Address = None, files_per_shard: PerShard = None, storage_options: Options = None,
                    window_s: Annotated[float | None, typer.Option(help="Window length for long recordings, s (plus 1 s of context each side). (default: 10)")] = None,
                    batch_size: Annotated[int, typer.Option(help="Windows per model call.")] = 32,
+                   beam_width: Annotated[int | None, typer.Option(help="CTC prefix beam search width; 1 = greedy. (default: the model card's, 8 with the character LM stored with the model; greedy for a model stored without one)")] = None,
+                   lm_weight: Annotated[float | None, typer.Option(help="Weight of the character LM's log-probability. (default: the card's, chosen on validation at training)")] = None,
+                   insertion_bonus: Annotated[float | None, typer.Option(help="Score bonus per character, offsets the LM's pull to short output. (default: the card's)")] = None,
                    gpu: Gpu = False, progress: Progress = True) -> None:
         """Transcribe every recording under IN_URL that this model version has not transcribed yet.
 
-        Writes a Parquet table of timed segments and, per recording, .jsonl and .srt files. Incremental and
-        exactly-once: rerun at any time; --reprocess redoes everything.
+        Writes a Parquet table of timed segments and, per recording, .jsonl and .srt files. Decodes with CTC
+        prefix beam search and the character LM stored with the model (--beam-width 1: greedy). Incremental
+        and exactly-once per model version: rerun at any time; --reprocess redoes everything.
         """
         _run("transcribe", in_url, out_url, model, dict(reprocess=reprocess, workers=workers, dask_address=dask_address,
              files_per_shard=files_per_shard, storage_options=storage_options, progress=progress),
-             window_s=window_s, batch_size=batch_size, gpu=gpu)
+             window_s=window_s, batch_size=batch_size, gpu=gpu, beam_width=beam_width, lm_weight=lm_weight,
+             insertion_bonus=insertion_bonus)
 
     @app.command()
     def classify(in_url: In, out_url: Out, model: Model, reprocess: Reprocess = False, workers: Workers = None,

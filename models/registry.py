@@ -163,10 +163,13 @@ class Registry:
                  normalization: Normalization | None = None, vocabulary: Sequence[str] = (),
                  classes: Sequence[str] = (), params: Mapping[str, Any] | None = None,
                  history: Mapping[str, Sequence[float]] | None = None, extra: Mapping[str, Any] | None = None,
-                 config_hash: str | None = None) -> ModelRef:
+                 config_hash: str | None = None, files: Mapping[str, bytes] | None = None) -> ModelRef:
         """Store ``model`` (a ``keras.Model`` or a ``.keras`` file path/URL) as the next version of ``name``.
 
-        ``model.keras`` is written first, ``card.json`` last (the commit). Returns the new ``ModelRef``.
+        ``files`` are artifacts that belong to this version (e.g. an ASR model's character LM): each is
+        stored beside ``model.keras`` and its sha256 and size go on the card (``extra["files"]``), so
+        ``fetch_file`` verifies it like the model. ``model.keras`` and the files are written first,
+        ``card.json`` last (the commit). Returns the new ``ModelRef``.
         Raises:
             RegistryError: bad name/family, non-finite metrics, a file that is not a ``.keras`` archive,
                 or another writer committing the same version concurrently.
@@ -175,6 +178,10 @@ class Registry:
         if family not in MODEL_FAMILIES:
             raise RegistryError(f"unknown model family {family!r}; choose one of {', '.join(MODEL_FAMILIES)}.")
         blob = self._model_bytes(model)
+        artifacts = {_check_file_name(n): bytes(b) for n, b in (files or {}).items()}
+        if artifacts:
+            extra = {**(extra or {}), "files": {n: {"sha256": hashlib.sha256(b).hexdigest(), "size": len(b)}
+                                                for n, b in artifacts.items()}}
         self.clean_incomplete(name)
         version = max(self.list_versions(name), default=0) + 1
         card = ModelCard(
@@ -189,6 +196,8 @@ class Registry:
         vdir = self._vdir(name, version)
         with self._storage(to_url(self._fs, vdir)):
             write_bytes_atomic(self._fs, join(vdir, MODEL_FILE), blob)
+            for file_name, data in artifacts.items():
+                write_bytes_atomic(self._fs, join(vdir, file_name), data)
             if self._fs.exists(join(vdir, CARD_FILE)):
                 raise RegistryError(f"{name}@{version} was committed by another writer meanwhile; "
                                     "run one writer per model name at a time.")
@@ -244,6 +253,39 @@ class Registry:
         finally:
             Path(tmp).unlink(missing_ok=True)
         return target, card
+
+    def fetch_file(self, ref: str | ModelRef, file_name: str, cache_dir: str | Path) -> Path:
+        """Download one of the version's ``files`` (see ``register``) into ``cache_dir``, verified like ``fetch``.
+
+        Raises:
+            RegistryError: the card lists no such file.
+            IntegrityError: the stored file does not match the card (it is never returned).
+        """
+        ref = self.resolve(ref)
+        card = self.get_card(ref)
+        meta = card.extra.get("files", {}).get(file_name)
+        if meta is None:
+            raise RegistryError(f"{ref.short} has no file {file_name!r}; its card lists "
+                                f"{sorted(card.extra.get('files', {})) or 'none'}.")
+        target = Path(cache_dir) / ref.name / f"{ref.version:04d}-{card.model_sha256[:12]}" / file_name
+        if target.exists():
+            try:
+                verify_file(target, sha256=meta["sha256"], size=meta["size"])
+                return target
+            except IntegrityError:
+                target.unlink(missing_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remote = join(self._vdir(ref.name, ref.version), file_name)
+        with self._storage(to_url(self._fs, remote)):
+            data = self._fs.cat_file(remote)
+        tmp = target.with_name(f".{file_name}.part")
+        tmp.write_bytes(data)
+        try:
+            verify_file(tmp, sha256=meta["sha256"], size=meta["size"], label=to_url(self._fs, remote))
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return target
 
     def load(self, ref: str | ModelRef, local_cache_dir: str | Path, *, compile: bool = False,
              custom_objects: Mapping[str, Any] | None = None) -> tuple[Any, ModelCard]:
@@ -448,6 +490,12 @@ def _alias_stack(history: Sequence[Mapping[str, Any]], alias: str) -> list[int]:
         else:
             stack = [*stack, version]
     return stack
+
+
+def _check_file_name(name: str) -> str:
+    if not _NAME_RE.match(name.replace(".", "-")) or name in (MODEL_FILE, CARD_FILE) or "/" in name:
+        raise RegistryError(f"invalid version file name {name!r}: use [a-z0-9._-] (not {MODEL_FILE} or {CARD_FILE}).")
+    return name
 
 
 def _parsed(ref: str | ModelRef | ParsedRef) -> ParsedRef:

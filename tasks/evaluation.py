@@ -22,36 +22,23 @@ log = logging.getLogger(__name__)
 
 def beam_decoder(storage: StorageSpec, *, beam_width: int = 8, lm_text_url: str | None = None, lm_order: int = 6,
                  lm_weight: float = 0.3, insertion_bonus: float = 1.5, lexicon_url: str | None = None):
-    """A ``BeamDecoder`` whose character LM is fitted on a text file (one sentence per line, lowercased;
-    lines with characters outside the model vocabulary are skipped) and whose lexicon is a word list.
+    """A ``BeamDecoder`` whose character LM is fitted on a text file (one sentence per line, through the
+    project's text normaliser; lines with characters outside the model vocabulary are skipped) and whose
+    lexicon is a word list. (``audiopipe transcribe`` uses the LM stored with the model instead.)
 
     Raises:
         ConfigError: a file cannot be read, or holds no usable sentence or word.
     """
-    from audiopipe.infra.storage import open_fs
     from audiopipe.models.asr_ctc import DEFAULT_VOCAB, BeamDecoder, CharNgramLM, Lexicon
-
-    def lines(url: str) -> list[str]:
-        fs, path = open_fs(url, storage)
-        try:
-            text = fs.cat_file(path).decode("utf-8", errors="replace")
-        except FileNotFoundError as exc:
-            raise ConfigError(f"cannot read {url}: no such file") from exc
-        allowed = set(DEFAULT_VOCAB)
-        kept = [" ".join(line.lower().split()) for line in text.splitlines()]
-        return [line for line in kept if line and set(line) <= allowed]
+    from audiopipe.tasks.train_lm import read_lm_sentences
 
     lm = lexicon = None
     if lm_text_url:
-        sentences = lines(lm_text_url)
-        if not sentences:
-            raise ConfigError(f"{lm_text_url} has no line made only of {DEFAULT_VOCAB!r}: nothing to fit an LM on.")
+        sentences = read_lm_sentences(lm_text_url, storage, DEFAULT_VOCAB)
         lm = CharNgramLM.fit(sentences, order=lm_order)
         log.info("char %d-gram LM fitted on %d sentences of %s", lm_order, len(sentences), lm_text_url)
     if lexicon_url:
-        words = {w for line in lines(lexicon_url) for w in line.split(" ")}
-        if not words:
-            raise ConfigError(f"{lexicon_url} holds no word made of {DEFAULT_VOCAB!r}.")
+        words = {w for line in read_lm_sentences(lexicon_url, storage, DEFAULT_VOCAB) for w in line.split(" ")}
         lexicon = Lexicon(words)
     return BeamDecoder(beam_width=beam_width, lm=lm, lm_weight=lm_weight, insertion_bonus=insertion_bonus,
                        lexicon=lexicon)

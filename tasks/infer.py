@@ -1,14 +1,17 @@
 """Bulk inference on a Dask worker: a group of recordings (or a chunk of a long one) -> model outputs.
 
 In: an ``InferItem`` (recordings, or windows ``[first, stop)`` of one long recording) and an ``InferSpec``
-(which model version, its feature config, the windowing). Out: one ``InferOutput`` per recording: CTC frame
-ids and probabilities (transcribe), class probabilities per window (classify), or the URLs of the stems it
-wrote (separate); or a rejection reason, as in featurize.
+(which model version, its feature config, the windowing, the decoder). Out: one ``InferOutput`` per
+recording: timed words (transcribe, a whole recording), or the CTC log-probabilities of the item's frames
+(transcribe, a chunk of a long recording: the shard decodes the joined chunks), class probabilities per
+window (classify), or the URLs of the stems it wrote (separate); or a rejection reason, as in featurize. A
+model output that is not finite (NaN/inf logits, probabilities or masks) rejects its recording.
 
 Long recordings are cut into windows: each window's *core* (``window_s``) is what it answers for, and the
 model also hears ``context_s`` of audio on either side, whose output is dropped. Window edges sit on the
 model's output frame grid, so frames from consecutive windows join into one sequence with no frame lost or
-doubled; greedy CTC over that joined sequence (``models.ctc_align``) cannot cut or repeat a word at an edge.
+doubled; decoding that joined sequence (greedy or beam search, ``models.ctc_align.decode_words``) cannot cut
+or repeat a word at an edge.
 
 The model is loaded once per worker process (``loaded_model``) through ``Registry.load``, which verifies the
 file's sha256 before Keras opens it. Windows of all recordings in an item are sorted by length and run in
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from audiopipe.infra.errors import BadAudioError, ConfigError
-from audiopipe.infra.storage import StorageSpec, join, open_fs, put_file_atomic
+from audiopipe.infra.storage import StorageSpec, open_fs
 from audiopipe.tasks.audio_io import AudioInfo, iter_segments, open_source, probe
 from audiopipe.tasks.extract import SourceFile, header_of
 from audiopipe.tasks.features import FeatureConfig, compute_features
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 TASKS = {"transcribe": "asr", "classify": "classify", "separate": "separate"}  # task -> model family
 MAX_BATCH_FRAMES = 64_000  # padded input frames per model call (~640 s of 10 ms frames)
+MIN_LOG_PROB = -1e4  # log-probabilities sent back as float16 are floored here (float16 ends at -65504)
 
 
 @dataclass(frozen=True)
@@ -58,12 +61,32 @@ class InferSpec:
     stems_url: str = ""  # separate: stems go under here, at the recording's path relative to in_url
     in_url: str = ""
     cache_dir: str = ".audiopipe/models"
+    # transcribe: CTC prefix beam search of this width (1 = greedy), fused with the model version's
+    # character LM (a file of its registry version, "" for none) at this weight and insertion bonus
+    beam_width: int = 1
+    lm_file: str = ""
+    lm_weight: float = 0.0
+    insertion_bonus: float = 0.0
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ConfigError(f"unknown inference task {self.task!r}; choose one of {', '.join(TASKS)}.")
         if self.window_s <= 0 or self.context_s < 0 or self.batch_size < 1:
             raise ConfigError("window_s must be > 0, context_s >= 0 and batch_size >= 1.")
+        if self.beam_width < 1 or self.lm_weight < 0:
+            raise ConfigError(f"beam_width must be >= 1 (1 = greedy) and lm_weight >= 0, got {self.beam_width} "
+                              f"and {self.lm_weight}.")
+        if self.lm_file and self.beam_width == 1:
+            raise ConfigError("a character LM needs beam search: beam_width >= 2.")
+
+    def describe_decoder(self) -> str:
+        """How transcripts are decoded, in words (logs, ``_model.json``)."""
+        if self.task != "transcribe":
+            return ""
+        if self.beam_width == 1:
+            return "greedy (best path)"
+        lm = f"{self.lm_file} x{self.lm_weight:g}" if self.lm_file else "no LM"
+        return f"CTC prefix beam search, width {self.beam_width}, {lm}, insertion bonus {self.insertion_bonus:g}"
 
     @property
     def features(self) -> FeatureConfig:
@@ -98,8 +121,10 @@ class InferOutput:
     info: AudioInfo | None = None
     audio_s: float = 0.0
     windows: int = 0
-    # transcribe: (first global frame, ids uint8, probs float16) per window, in time order
-    frames: list[tuple[int, np.ndarray, np.ndarray]] = field(default_factory=list)
+    # transcribe: (first global frame, log-probabilities float16 (frames, classes)) per window, in time order;
+    # emptied once ``words`` holds the decoded recording (a whole recording is decoded on the worker)
+    frames: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    words: list | None = None  # transcribe: ctc_align.Word, in time order
     # classify: (window index, start s, duration s, probabilities float32) per window
     classes: list[tuple[int, float, float, np.ndarray]] = field(default_factory=list)
     stems: dict[str, str] = field(default_factory=dict)  # separate: stem name -> URL written
@@ -116,6 +141,7 @@ class InferOutput:
 class LoadedModel:
     model: object
     predict: object  # (inputs array, lengths) -> outputs, a compiled tf.function
+    decoder: object = None  # transcribe: a ctc_decode.BeamDecoder, or None for greedy
 
 
 _MODELS: dict[tuple, LoadedModel] = {}
@@ -158,7 +184,9 @@ def _load(spec: InferSpec, storage: StorageSpec) -> LoadedModel:
         return out["mask"] if spec.task == "separate" else out
 
     log.info("loaded %s (%d parameters) in process %d", spec.model_tag, model.count_params(), os.getpid())
-    return LoadedModel(model, predict)
+    from audiopipe.tasks.infer_decode import loaded_decoder
+
+    return LoadedModel(model, predict, loaded_decoder(spec, storage) if spec.task == "transcribe" else None)
 
 
 def _limit_tf_threads(tf) -> None:
@@ -248,16 +276,26 @@ def infer_item(item: InferItem, spec: InferSpec, storage: StorageSpec) -> list[I
     """
     loaded = loaded_model(spec, storage)
     if spec.task == "separate":
-        return [_separate_one(source, loaded, spec, storage) for source in item.sources]
+        from audiopipe.tasks.infer_separate import separate_one
+
+        return [separate_one(source, loaded, spec, storage) for source in item.sources]
     outputs, windows = [], []
     for source in item.sources:
         out = _decode_windows(source, item, spec, storage, windows, len(outputs))
         outputs.append(out)
     _run_batches(windows, outputs, loaded, spec)
     for out in outputs:
-        if out.ok:
-            out.frames.sort(key=lambda piece: piece[0])
-            out.classes.sort(key=lambda row: row[0])
+        if not out.ok:
+            out.frames, out.classes = [], []
+            continue
+        out.frames.sort(key=lambda piece: piece[0])
+        out.classes.sort(key=lambda row: row[0])
+        if spec.task == "transcribe" and item.stop is None and out.windows:  # whole: decode here, send words
+            from audiopipe.tasks.infer_decode import decode_recording
+
+            t0 = time.perf_counter()
+            out.words, out.frames = decode_recording(out.frames, spec, loaded.decoder), []
+            out.timings["ctc_s"] += time.perf_counter() - t0
     return outputs
 
 
@@ -339,95 +377,51 @@ def _run_batches(windows: list, outputs: list[InferOutput], loaded: LoadedModel,
         for row, (slot, window, f) in enumerate(batch):
             out = outputs[slot]
             out.timings["model_s"] += elapsed * len(f) / float(lengths.sum())
+            if out.reason is not None:
+                continue
             if spec.task == "transcribe":
-                out.frames.append(_core_frames(y[row], int(lengths[row]), window, spec))
+                out.reason = nonfinite_reason(y[row][:_num_outputs(int(lengths[row]), spec)], window.core_start_s,
+                                              "logits")
+                if out.reason is None:
+                    out.frames.append(_core_frames(y[row], int(lengths[row]), window, spec))
             else:
-                out.classes.append((window.index, window.core_start_s, window.core_s, y[row].astype(np.float32)))
+                out.reason = nonfinite_reason(y[row], window.core_start_s, "class probabilities")
+                if out.reason is None:
+                    out.classes.append((window.index, window.core_start_s, window.core_s,
+                                        y[row].astype(np.float32)))
+
+
+def nonfinite_reason(values: np.ndarray, start_s: float, what: str) -> str | None:
+    """None if every value is finite, else the rejection reason (the recording is never written as ok)."""
+    finite = np.isfinite(values)
+    if finite.all():
+        return None
+    bad = int(values.size - np.count_nonzero(finite))
+    return (f"non-finite model output: {bad} of {values.size} {what} are NaN or Inf in the window at "
+            f"{start_s:.1f} s (the model's weights, or this recording's features, overflow)")
+
+
+def _num_outputs(num_input_frames: int, spec: InferSpec) -> int:
+    from audiopipe.models.layers import output_lengths
+
+    return int(output_lengths(np.array([num_input_frames]), spec.subsample)[0])
 
 
 def _core_frames(logits: np.ndarray, num_input_frames: int, window: Window, spec: InferSpec
-                 ) -> tuple[int, np.ndarray, np.ndarray]:
-    """The window's output frames inside its core, as (first global frame index, ids, probs)."""
-    from audiopipe.models.ctc_align import frame_outputs
-    from audiopipe.models.layers import output_lengths
+                 ) -> tuple[int, np.ndarray]:
+    """The window's output frames inside its core: (first global frame index, log-probabilities float16).
+
+    float16 keeps log-probabilities to about 0.01 nats; they are floored at ``MIN_LOG_PROB``, far below
+    any score the decoders tell apart (the caller has checked that the logits are finite).
+    """
+    from audiopipe.models.ctc_decode import log_softmax
 
     frame_s = spec.frame_s
-    valid = int(output_lengths(np.array([num_input_frames]), spec.subsample)[0])
-    ids, probs = frame_outputs(logits[:valid])
+    valid = _num_outputs(num_input_frames, spec)
+    log_probs = np.maximum(log_softmax(logits[:valid]), MIN_LOG_PROB).astype(np.float16)
     # global frame index of each output frame; the core is [core_start, core_end) on that grid
     offset = int(round(window.start_s / frame_s))
     core_first = int(round(window.core_start_s / frame_s))
     core_stop = int(round((window.core_start_s + window.core_s) / frame_s))
     lo, hi = max(0, core_first - offset), max(0, min(valid, core_stop - offset))
-    return core_first if lo < hi else offset + lo, ids[lo:hi], probs[lo:hi]
-
-
-# ---- separation: one recording at a time, stems streamed to local FLAC files, then uploaded ------------
-
-STEMS = ("speech", "background")
-
-
-def stem_urls(spec: InferSpec, source_url: str) -> dict[str, str]:
-    """Where the stems of ``source_url`` go: ``<stems_url>/<path relative to in_url>/<stem>.flac``."""
-    from audiopipe.tasks.infer_layout import relative_source
-
-    rel = relative_source(spec.in_url, source_url)
-    return {stem: join(spec.stems_url, rel, f"{stem}.flac") for stem in STEMS}
-
-
-def _separate_one(source: SourceFile, loaded: LoadedModel, spec: InferSpec, storage: StorageSpec) -> InferOutput:
-    import soundfile as sf
-
-    from audiopipe.models.separation import SeparationConfig, apply_mask_istft, stft_mag_phase
-
-    out = InferOutput(source.url, reason=source.rejected)  # rejected at discovery (dangling symlink...)
-    if out.reason:
-        return out
-    settings = spec.feature_config
-    cfg = SeparationConfig(sampling_rate=int(settings["sampling_rate"]), n_fft=int(settings["n_fft"]),
-                           hop=int(settings["hop"]))
-    rate = cfg.sampling_rate
-    tmp = tempfile.mkdtemp(prefix="audiopipe-stems-")
-    paths = {stem: os.path.join(tmp, f"{stem}.flac") for stem in STEMS}
-    try:
-        try:
-            handle, snd, out.info = _open(source, storage, stream=True)
-        except BadAudioError as exc:
-            return InferOutput(source.url, reason=str(exc), info=header_of(exc))
-        writers = {stem: sf.SoundFile(p, "w", samplerate=rate, channels=1, format="FLAC", subtype="PCM_16")
-                   for stem, p in paths.items()}
-        try:
-            for window in iter_windows(handle, snd, out.info, core_s=spec.window_s, context_s=spec.context_s,
-                                       rate=rate):
-                t0 = time.perf_counter()
-                magnitude, _ = stft_mag_phase(window.samples, cfg=cfg)
-                mask = loaded.predict(magnitude[None], np.array([len(magnitude)], np.int32)).numpy()[0]
-                speech = apply_mask_istft(window.samples, mask, cfg=cfg)
-                out.timings["model_s"] += time.perf_counter() - t0
-                lo = int(round((window.core_start_s - window.start_s) * rate))
-                core = slice(lo, lo + int(round(window.core_s * rate)))
-                writers["speech"].write(np.clip(speech[core], -1, 1))
-                writers["background"].write(np.clip(window.samples[core] - speech[core], -1, 1))
-                out.audio_s += window.core_s
-                out.windows += 1
-        except BadAudioError as exc:
-            return InferOutput(source.url, reason=str(exc), info=out.info)
-        finally:
-            for w in writers.values():
-                w.close()
-            snd.close()
-            handle.close()
-        if out.windows == 0:
-            return InferOutput(source.url, reason="empty: no audio samples", info=out.info)
-        t0 = time.perf_counter()
-        for stem, url in stem_urls(spec, source.url).items():
-            fs, path = open_fs(url, storage)
-            put_file_atomic(fs, paths[stem], path)
-            out.stems[stem] = url
-        out.timings["write_s"] += time.perf_counter() - t0
-        return out
-    finally:
-        for p in paths.values():
-            if os.path.exists(p):
-                os.unlink(p)
-        os.rmdir(tmp)
+    return core_first if lo < hi else offset + lo, log_probs[lo:hi]

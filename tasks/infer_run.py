@@ -69,6 +69,7 @@ class _State:
     info: AudioInfo | None = None
     audio_s: float = 0.0
     outputs: list[InferOutput] = field(default_factory=list)
+    words: list | None = None  # transcribe, a long recording: decoded here from its chunks' frames
 
 
 def item_key(item: InferItem, spec: InferSpec) -> str:
@@ -173,7 +174,27 @@ def run_infer_shard(client: Client, plan: ShardPlan, spec: InferSpec, storage: S
                 _absorb(states, outputs or [InferOutput(
                     s.url, reason=f"{CRASH_CATEGORY}: the worker process died every time it processed this "
                                   "recording (crash or out of memory); quarantined") for s in item.sources])
+    _decode_chunked(states, spec, storage)
     return _commit(plan, states, spec, storage, out_url, layout, started)
+
+
+def _decode_chunked(states: dict[str, _State], spec: InferSpec, storage: StorageSpec) -> None:
+    """Long recordings come back as chunks of CTC frames: join and decode each here, as one sequence (so
+    no word is cut or repeated at a chunk edge). Whole recordings were decoded on their worker."""
+    if spec.task != "transcribe":
+        return
+    from audiopipe.tasks.infer_decode import decode_recording, loaded_decoder
+
+    for state in states.values():
+        pieces = [p for o in state.outputs for p in o.frames]
+        if state.reason is not None or not pieces:
+            continue
+        started = time.perf_counter()
+        try:
+            state.words = decode_recording(pieces, spec, loaded_decoder(spec, storage))
+        except ValueError as exc:
+            state.reason = f"processing failed: {exc}"
+        state.outputs[0].timings["ctc_s"] += time.perf_counter() - started
 
 
 def _absorb(states: dict[str, _State], outputs: list[InferOutput]) -> None:
@@ -234,14 +255,9 @@ def _results_of(state: _State, spec: InferSpec, fs, layout: ResultLayout, rows: 
     """Add the recording's result rows to ``rows`` (and write its side files); returns its segment count."""
     url, tag, version = state.source.url, spec.model_tag, spec.model_version
     if spec.task == "transcribe":
-        from audiopipe.models.ctc_align import segments_from_words, to_jsonl, to_srt, words_from_frames
+        from audiopipe.models.ctc_align import segments_from_words, to_jsonl, to_srt
 
-        pieces = sorted((p for o in state.outputs for p in o.frames), key=lambda p: p[0])
-        ids = np.concatenate([p[1] for p in pieces]) if pieces else np.zeros(0, np.uint8)
-        probs = np.concatenate([p[2] for p in pieces]) if pieces else np.zeros(0, np.float16)
-        first = pieces[0][0] if pieces else 0
-        words = words_from_frames(ids, probs, frame_s=spec.frame_s, vocab=spec.labels,
-                                  offset_s=first * spec.frame_s)
+        words = state.words if state.words is not None else [w for o in state.outputs for w in o.words or ()]
         segments = segments_from_words(words)
         rel = relative_source(spec.in_url, url)
         write_bytes_atomic(fs, layout.side_file("files", rel, ".jsonl"),

@@ -55,6 +55,9 @@ class TrainSpec:
     # Warm start (classify, asr): a registered model, REGISTRY:NAME@VERSION, whose weights and normalisation
     # the model starts from. Its family, feature partition, classes or vocabulary and architecture must match.
     init_from: str | None = None
+    # asr: a text file (a sentence per line) to fit the character LM shipped with the model on, instead of
+    # the training transcripts (tasks/train_lm.py)
+    lm_text_url: str | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -188,7 +191,7 @@ def train_model(spec: TrainSpec, storage: StorageSpec) -> TrainResult:
     metrics, extras = score_split(spec, model, datasets, vocab_or_classes)
     report = Path(spec.work_dir) / "reports" / spec.run_key
     write_training_report(report, spec, history, metrics, extras, vocab_or_classes)
-    ref = register_model(spec, storage, model, cfg, shards, stats, vocab_or_classes, metrics, history)
+    ref = register_model(spec, storage, model, cfg, shards, stats, vocab_or_classes, metrics, history, datasets)
     return TrainResult(str(ref), metrics, len(history.get("loss", [])), start_epoch, device.kind, str(report))
 
 
@@ -327,10 +330,17 @@ def publish_epoch(spec: TrainSpec, epoch: int, logs: dict) -> None:
                                    "metrics": {k: float(v) for k, v in logs.items()}})
 
 
-def register_model(spec, storage, model, cfg, shards, stats, vocab_or_classes, metrics, history):
-    """Save ``model`` and register it with its card (metrics, data snapshot, normalisation, params)."""
+def register_model(spec, storage, model, cfg, shards, stats, vocab_or_classes, metrics, history, datasets=None):
+    """Save ``model`` and register it with its card (metrics, data snapshot, normalisation, params); an asr
+    model also gets its character LM file and decoder setting (``tasks.train_lm``, tuned on ``datasets["val"]``)."""
     from audiopipe.models.registry import Normalization, Registry, TrainingData
 
+    files, extra = {}, {}
+    if spec.family == "asr" and datasets is not None:
+        from audiopipe.tasks.train_lm import fit_decoder
+
+        files, extra = fit_decoder(model, shards, datasets["val"], "".join(vocab_or_classes), subsample=cfg.subsample,
+                                   lm_text_url=spec.lm_text_url, storage=storage)
     registry = Registry(spec.registry_url, storage)
     snapshot = shards.snapshot()
     with tempfile.TemporaryDirectory() as tmp:
@@ -343,7 +353,7 @@ def register_model(spec, storage, model, cfg, shards, stats, vocab_or_classes, m
             normalization=Normalization.of(np.asarray(stats.mean), np.asarray(stats.std)),
             vocabulary=tuple(vocab_or_classes) if spec.family == "asr" else (),
             classes=tuple(vocab_or_classes) if spec.family == "classify" else (),
-            params={"spec": asdict(spec), "model_config": cfg.to_dict()}, history=history)
+            params={"spec": asdict(spec), "model_config": cfg.to_dict()}, history=history, files=files, extra=extra)
 
 
 def _feature_config(spec: TrainSpec, storage: StorageSpec):

@@ -20,6 +20,7 @@ import soundfile as sf
 from distributed import Client
 
 from audiopipe.flows.infer import model_spec, run_inference
+from audiopipe.infra.errors import ConfigError
 from audiopipe.infra.settings import RunSettings
 from audiopipe.infra.storage import StorageSpec, open_fs
 from audiopipe.models.registry import IntegrityError, Registry
@@ -42,29 +43,83 @@ def messy(tmp_path_factory):
 
 
 def _frames(outputs) -> np.ndarray:
+    """The chunks' CTC log-probabilities joined in time order (each must start where the last ended)."""
     pieces = sorted((p for o in outputs for p in o.frames), key=lambda p: p[0])
-    for (a, ids, _), (b, _, _) in zip(pieces, pieces[1:]):
-        assert a + len(ids) == b, "output frames lost or doubled between windows"
+    for (a, lp), (b, _) in zip(pieces, pieces[1:]):
+        assert a + len(lp) == b, "output frames lost or doubled between windows"
     return np.concatenate([p[1] for p in pieces])
+
+
+def peaky_asr(seed: int = 0, upsample: int = 1, scale: float = 0.5, blank_bias: float = 14.0,
+              space_bias: float = 5.0):
+    """``per_frame_asr`` made to answer more like a trained model: letters, spaces and blanks all win some
+    frames (raw log-mel inputs otherwise give every frame the same few letters)."""
+    from audiopipe.tasks.features import compute_features
+    from tests.flows.infer_support import FEATURES
+
+    model = per_frame_asr(seed=seed, upsample=upsample)
+    layer = model.get_layer("classifier")
+    kernel, bias = layer.get_weights()
+    layer.set_weights([kernel * scale, bias * 0])
+    probe = compute_features(voiced(10.0, seed=99), cfg=FEATURES)
+    out = model({"features": probe[None], "lengths": np.array([len(probe)], np.int32)}).numpy()[0]
+    out = out[:len(out) // upsample * upsample]
+    centred = -out.reshape(-1, upsample, out.shape[-1]).mean(axis=0)  # each of a step's output frames apart
+    centred[:, 0] += blank_bias
+    centred[:, 1] += space_bias
+    layer.set_weights([kernel * scale, centred.reshape(-1)])
+    return model
+
+
+def register_asr_with_lm(registry_url: str, *, model=None, storage: StorageSpec = StorageSpec(), upsample: int = 1,
+                         sentences=("the cat sat on the mat", "a dog ran", "hello there")) -> str:
+    """An asr version registered as training registers one: with its character LM file and decoder setting."""
+    from audiopipe.models.ctc_decode import CharNgramLM
+    from audiopipe.models.registry import TrainingData
+    from audiopipe.tasks.train_lm import LM_FILE
+    from tests.flows.infer_support import FEATURES, VOCAB
+
+    lm = CharNgramLM.fit(list(sentences), order=4, vocab=VOCAB)
+    ref = Registry(registry_url, storage).register(
+        "asr", model or peaky_asr(upsample=upsample), family="asr", metrics={"cer": 0.5},
+        feature_config=FEATURES.to_dict(), training_data=TrainingData.of(["made-in-test"]), vocabulary=tuple(VOCAB),
+        params={"model_config": {"subsample": 4 // upsample, "upsample": upsample}},
+        files={LM_FILE: lm.to_bytes()},
+        extra={"decoder": {"beam_width": 8, "lm_file": LM_FILE, "lm_weight": 0.5, "insertion_bonus": 1.0}})
+    return f"{registry_url}:{ref.name}@{ref.version}"
 
 
 @pytest.mark.parametrize("upsample", [1, 2])  # outputs every 40 ms, or every 20 ms from 40 ms steps
 def test_windowed_long_recording_equals_one_pass(tmp_path, upsample):
-    """Windows, and chunks of windows on different items, join into exactly the single-pass frame sequence."""
+    """Windows, and chunks of windows on different items, join into exactly the single-pass frame sequence,
+    and beam search with the model's LM over it finds the same timed words as over one window."""
+    from audiopipe.tasks.infer_decode import decode_recording, loaded_decoder
+
     wav = write_wav(tmp_path / "in" / "long.wav", voiced(95.0))
-    ref = register_asr(str(tmp_path / "reg"), upsample=upsample)
+    ref = register_asr_with_lm(str(tmp_path / "reg"), upsample=upsample)
     spec = model_spec("transcribe", ref, StorageSpec(), in_url=str(tmp_path / "in"), work_dir=tmp_path / "work")
+    assert (spec.beam_width, spec.lm_file) == (8, "char_lm.json.gz")  # the card's decoder by default
     source = SourceFile("file://" + str(wav), wav.stat().st_size)
-    windowed = infer_item(InferItem((source,)), spec, StorageSpec())
-    one_pass = infer_item(InferItem((source,)), dataclasses.replace(spec, window_s=200.0), StorageSpec())
+    whole = dataclasses.replace(spec, window_s=200.0)
+    windowed = infer_item(InferItem((source,)), spec, StorageSpec())  # 10 windows, decoded on the worker
+    one_pass = infer_item(InferItem((source,)), whole, StorageSpec())
+    one_pass_frames = infer_item(InferItem((source,), 0, 1), whole, StorageSpec())  # a chunk: frames come back
     chunked = [out for first in range(0, 10, 3)
                for out in infer_item(InferItem((source,), first, first + 3), spec, StorageSpec())]
     assert windowed[0].windows == 10 and one_pass[0].windows == 1
-    expected = _frames(one_pass)
+    assert not windowed[0].frames and all(o.words is None for o in chunked)
+    expected = _frames(one_pass_frames)
     assert len(expected) == int(np.ceil(95.0 / spec.frame_s))
-    np.testing.assert_array_equal(_frames(windowed), expected)
-    np.testing.assert_array_equal(_frames(chunked), expected)
-    assert (expected != 0).any(), "the model emits characters, so the comparison means something"
+    np.testing.assert_array_equal(_frames(chunked).argmax(axis=1), expected.argmax(axis=1))
+    np.testing.assert_allclose(_frames(chunked).astype(np.float32), expected.astype(np.float32), atol=0.02)
+    stitched = decode_recording([p for o in chunked for p in o.frames], spec, loaded_decoder(spec, StorageSpec()))
+
+    def timed(words):
+        return [(w.text, w.start_s, w.end_s) for w in words]
+
+    assert sum(len(w.text) for w in stitched) > 100, "the model emits text, so the comparison means something"
+    assert timed(stitched) == timed(windowed[0].words) == timed(one_pass[0].words)
+    assert all(0 < w.confidence <= 1 for w in stitched)
 
 
 def _outputs(out_url: str, task: str, name: str, version: int):
@@ -184,7 +239,6 @@ def test_classify_and_separate_write_their_results(tmp_path, dask_cluster, prefe
 
 
 def test_wrong_family_is_refused(tmp_path, prefect_api):
-    from audiopipe.infra.errors import ConfigError
 
     write_wav(tmp_path / "in" / "a.wav", voiced(1.0))
     classifier = register_classifier(str(tmp_path / "reg"))
@@ -192,3 +246,82 @@ def test_wrong_family_is_refused(tmp_path, prefect_api):
         run_inference("transcribe", str(tmp_path / "in"), str(tmp_path / "out"), classifier,
                       settings=RunSettings(workers=1, work_dir=tmp_path / "work"))
     assert Registry(str(tmp_path / "reg")).list_models() == ["classify"]
+
+
+def test_transcribe_decodes_with_the_models_lm_by_default_and_greedily_on_request(tmp_path, dask_cluster,
+                                                                                  prefect_api):
+    inputs = tmp_path / "in"
+    write_wav(inputs / "call.wav", voiced(6.0, seed=1))
+    write_wav(inputs / "long.wav", voiced(150.0, seed=2))  # > 4 MiB: two chunks, decoded in the shard's process
+    ref = register_asr_with_lm(str(tmp_path / "reg"))
+    settings = RunSettings(dask_address=dask_cluster.scheduler_address, work_dir=tmp_path / "work")
+    beam = run_inference("transcribe", str(inputs), str(tmp_path / "beam"), ref, settings=settings)
+    greedy = run_inference("transcribe", str(inputs), str(tmp_path / "greedy"), ref, settings=settings, beam_width=1)
+    assert beam["recordings_ok"] == greedy["recordings_ok"] == 2
+    decoders = {}
+    for name in ("beam", "greedy"):
+        fs, layout, manifest = _outputs(str(tmp_path / name), "transcribe", "asr", 1)
+        decoders[name] = json.loads(fs.cat_file(f"{layout.base}/_model.json"))["decoder"]
+        rows = _table(fs, layout, "transcripts").to_pylist()
+        long_rows = [r for r in rows if r["source"].endswith("long.wav")]
+        assert max(r["end_s"] for r in long_rows) > 130  # past the first chunk (120 s)
+        assert all(r["words"] and 0 < r["confidence"] <= 1 for r in rows)
+    assert decoders == {"beam": "CTC prefix beam search, width 8, char_lm.json.gz x0.5, insertion bonus 1",
+                        "greedy": "greedy (best path)"}
+    with pytest.raises(ConfigError, match="beam-width"):
+        run_inference("transcribe", str(inputs), str(tmp_path / "bad"), ref, settings=settings, beam_width=0)
+
+
+def test_a_model_stored_without_an_lm_decodes_greedily_or_beam_without_lm(tmp_path):
+    ref = register_asr(str(tmp_path / "reg"))  # registered as before LMs were stored: no files on the card
+    spec = model_spec("transcribe", ref, StorageSpec(), in_url=str(tmp_path), work_dir=tmp_path / "work")
+    assert (spec.beam_width, spec.lm_file) == (1, "") and spec.describe_decoder() == "greedy (best path)"
+    beam = model_spec("transcribe", ref, StorageSpec(), in_url=str(tmp_path), work_dir=tmp_path / "work",
+                      decoder={"beam_width": 4})
+    assert (beam.beam_width, beam.lm_file, beam.lm_weight, beam.insertion_bonus) == (4, "", 0.0, 0.0)
+    assert beam.describe_decoder() == "CTC prefix beam search, width 4, no LM, insertion bonus 0"
+
+
+def test_tampered_lm_is_refused_before_any_work(tmp_path, prefect_api):
+    write_wav(tmp_path / "in" / "a.wav", voiced(3.0))
+    ref = register_asr_with_lm(str(tmp_path / "reg"))
+    lm_file = next((tmp_path / "reg").rglob("char_lm.json.gz"))
+    lm_file.write_bytes(lm_file.read_bytes() + b"\0")
+    with pytest.raises(IntegrityError, match="sha256|size"):
+        run_inference("transcribe", str(tmp_path / "in"), str(tmp_path / "out"), ref,
+                      settings=RunSettings(workers=1, work_dir=tmp_path / "work"))
+    assert not (tmp_path / "out" / "transcribe").exists()
+
+
+def test_non_finite_model_output_rejects_the_recording(tmp_path, dask_cluster, prefect_api):
+    """A model whose weights went NaN answers NaN for everything: every recording is rejected with that
+    reason, none is written as ok (issue 12: outputs are finite only)."""
+    from audiopipe.models.classifier import ClassifierConfig, build_classifier
+    from audiopipe.models.registry import TrainingData
+    from tests.flows.infer_support import FEATURES
+
+    inputs = tmp_path / "in"
+    write_wav(inputs / "a.wav", voiced(4.0, seed=1))
+    write_wav(inputs / "b.wav", voiced(2.0, seed=2))
+    asr_model = per_frame_asr()
+    kernel, bias = asr_model.get_layer("classifier").get_weights()
+    asr_model.get_layer("classifier").set_weights([np.full_like(kernel, np.nan), bias])
+    classifier = build_classifier(ClassifierConfig(n_mels=FEATURES.n_mels, n_classes=2, conv_channels=(8,),
+                                                   lstm_units=8))
+    dense = classifier.layers[-1]
+    dense.set_weights([np.full_like(w, np.inf) for w in dense.get_weights()])
+    registry = str(tmp_path / "reg")
+    models = {"transcribe": register_asr(registry, model=asr_model),
+              "classify": f"{registry}:classify@" + str(Registry(registry).register(
+                  "classify", classifier, family="classify", metrics={"accuracy": 0.5},
+                  feature_config=FEATURES.to_dict(), training_data=TrainingData.of(["made-in-test"]),
+                  classes=("noise", "tone"), params={"model_config": {}}).version)}
+    settings = RunSettings(dask_address=dask_cluster.scheduler_address, work_dir=tmp_path / "work")
+    for task, ref in models.items():
+        summary = run_inference(task, str(inputs), str(tmp_path / "out"), ref, settings=settings)
+        assert (summary["recordings_ok"], summary["recordings_rejected"]) == (0, 2)
+        assert summary["rejected_by_reason"] == {"non-finite model output": 2}
+        fs, layout, manifest = _outputs(str(tmp_path / "out"), task, ref.rsplit(":", 1)[1].split("@")[0], 1)
+        assert set(manifest["status"].to_pylist()) == {"rejected"}
+        assert all("NaN or Inf" in r for r in manifest["reason"].to_pylist())
+        assert all(_table(fs, layout, t) is None for t in ("transcripts", "segments", "recordings"))

@@ -242,20 +242,21 @@ def test_beam_decoder_from_files_fits_its_lm_and_lexicon_and_skips_unusable_line
     from audiopipe.infra.storage import StorageSpec
     from audiopipe.tasks.evaluation import beam_decoder
 
-    (tmp_path / "lm.txt").write_text("The  cat sat\nthe cat!\n\na cat\ncats\n")  # "the cat!" has a '!': skipped
+    # through the shared normaliser: "the cat!" -> "the cat"; "日本" leaves nothing and is skipped
+    (tmp_path / "lm.txt").write_text("The  cat sat\nthe cat!\n\na cat\n日本\ncats\n")
     (tmp_path / "words.txt").write_text("cat a\ndog\n")
     logits = _probs([{"c": .9}, {"o": .5, "a": .4}, {"t": .9}, {" ": .9}, {"o": .6, "a": .3}])
     plain = beam_decoder(StorageSpec(), beam_width=8, insertion_bonus=0.0)
     assert plain(logits, np.array([5])) == ["cot o"] and plain.lm is None
     with_lm = beam_decoder(StorageSpec(), beam_width=8, lm_text_url=f"file://{tmp_path}/lm.txt", lm_order=3,
                            lm_weight=1.0, insertion_bonus=0.0)
-    assert with_lm.lm.order == 3 and sum(with_lm.lm.counts.get("\x02\x02", {}).values()) == 3  # 3 sentences kept
+    assert with_lm.lm.order == 3 and sum(with_lm.lm.counts.get("\x02\x02", {}).values()) == 4  # 4 sentences kept
     assert with_lm(logits[:, :3], np.array([3])) == ["cat"]
     with_words = beam_decoder(StorageSpec(), beam_width=8, lexicon_url=str(tmp_path / "words.txt"),
                               insertion_bonus=0.0)
     assert with_words(logits, np.array([5])) == ["cat a"]
     assert "lexicon of 3 words" in with_words.describe()
-    (tmp_path / "bad.txt").write_text("ÀÉÎ!\n")
+    (tmp_path / "bad.txt").write_text("!!! ???\n日本\n")
     with pytest.raises(ConfigError, match="nothing to fit an LM on"):
         beam_decoder(StorageSpec(), lm_text_url=str(tmp_path / "bad.txt"))
     with pytest.raises(ConfigError, match="no such file"):
@@ -272,3 +273,82 @@ def test_config_from_partial_overrides_keeps_defaults_and_builds_spec_augment():
         asr.CtcAsrConfig.from_dict({"n_mels": 40, "spec_augment": {"time_masks": 1}})
     with pytest.raises(ConfigError, match="lstm_size"):
         asr.CtcAsrConfig.from_dict({"n_mels": 40, "lstm_size": 9})
+
+
+# ---- the vectorised beam search (models/ctc_decode.py) and the alignment of its result (models/ctc_align.py)
+
+def _random_log_probs(rng, frames: int) -> np.ndarray:
+    from audiopipe.models.ctc_decode import log_softmax
+
+    logits = rng.normal(0.0, 3.0, size=(frames, len(asr.DEFAULT_VOCAB) + 1))
+    logits[:, 0] += rng.uniform(0.0, 4.0)  # blank-heavy, like a trained model, at random strengths
+    return log_softmax(logits)
+
+
+def test_vectorised_beam_search_finds_what_the_reference_search_finds():
+    """Without its two shortcuts (top-k characters, blank-frame skipping) the vectorised search is exact:
+    the same best prefix as the one-prefix-at-a-time specification, with and without an LM."""
+    from audiopipe.models import ctc_decode as dec
+
+    rng = np.random.default_rng(7)
+    lm = dec.CharNgramLM.fit(["the cat sat on the mat", "a cat is here", "cats and dogs"], order=3)
+    for trial in range(40):
+        lp = _random_log_probs(rng, int(rng.integers(3, 40)))
+        for kw in ({"lm": None, "lm_weight": 0.0, "insertion_bonus": 0.0},
+                   {"lm": lm, "lm_weight": 0.7, "insertion_bonus": 1.0}):
+            want = dec._reference_search(lp, beam_width=6, vocab=dec.DEFAULT_VOCAB, lm=kw["lm"],
+                                         lm_weight=kw["lm_weight"], bonus=kw["insertion_bonus"], lexicon=None)
+            ids, frames = dec.beam_search(lp, beam_width=6, max_candidates=None, blank_skip=None, **kw)
+            assert dec.decode_ids(ids) == want, trial
+            assert (np.diff(frames) > 0).all() and (frames < len(lp)).all()
+
+
+def test_beam_search_shortcuts_keep_the_answer_on_peaky_outputs_and_words_get_peak_times():
+    from audiopipe.models import ctc_decode as dec
+    from audiopipe.models.ctc_align import decode_words
+
+    frames = [{"_": .9999}, {"c": .9}, {"c": .6, "_": .3}, {"_": .9995}, {"a": .7, "o": .2}, {"_": .999},
+              {"t": .95}, {"_": .9999}, {" ": .8}, {"_": .9999}, {"a": .9}, {"_": .9999}]
+    lp = _probs(frames)[0]
+    lm = dec.CharNgramLM.fit(["cat a", "a cat"], order=3)
+    exact = dec.beam_search(lp, beam_width=8, lm=lm, lm_weight=0.5, max_candidates=None, blank_skip=None)
+    fast = dec.beam_search(lp, beam_width=8, lm=lm, lm_weight=0.5)
+    assert dec.decode_ids(exact[0]) == dec.decode_ids(fast[0]) == "cat a"
+    words = decode_words(lp, frame_s=0.04, vocab=dec.DEFAULT_VOCAB, decoder=dec.BeamDecoder(lm=lm, lm_weight=0.5))
+    assert [w.text for w in words] == ["cat", "a"]
+    assert words[0].start_s == pytest.approx(0.04) and words[0].end_s == pytest.approx(0.28)  # c at 1, t at 6
+    assert words[0].confidence == pytest.approx(np.mean([.9, .7, .95]), abs=1e-3)  # each letter at its peak
+    assert words[1].start_s == pytest.approx(0.40)
+    greedy = decode_words(lp, frame_s=0.04, vocab=dec.DEFAULT_VOCAB)
+    assert [w.text for w in greedy] == ["cat", "a"] and greedy[0].start_s == words[0].start_s
+
+
+def test_greedy_words_from_log_probs_match_the_frame_id_path():
+    """``decode_words`` without a decoder is the greedy alignment transcripts always had."""
+    from audiopipe.models.ctc_align import decode_words, frame_outputs, words_from_frames
+    from audiopipe.models.ctc_decode import log_softmax
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 2, size=(300, len(asr.DEFAULT_VOCAB) + 1))
+    ids, probs = frame_outputs(logits)
+    old = words_from_frames(ids, probs, frame_s=0.04, vocab=asr.DEFAULT_VOCAB, offset_s=1.0)
+    new = decode_words(log_softmax(logits), frame_s=0.04, vocab=asr.DEFAULT_VOCAB, offset_s=1.0)
+    assert [(w.text, w.start_s, w.end_s) for w in new] == [(w.text, w.start_s, w.end_s) for w in old]
+    np.testing.assert_allclose([w.confidence for w in new], [w.confidence for w in old], atol=2e-3)
+
+
+def test_lm_file_round_trip_is_deterministic_and_checked():
+    from audiopipe.models.ctc_decode import CharNgramLM, beam_search
+
+    lm = CharNgramLM.fit(["the cat", "a dog"], order=4)
+    blob = lm.to_bytes()
+    assert CharNgramLM.fit(["the cat", "a dog"], order=4).to_bytes() == blob  # stable checksum
+    again = CharNgramLM.from_bytes(blob)
+    assert again.score("the cat") == pytest.approx(lm.score("the cat"))
+    row = again.row(again.history("the c"))
+    assert row[asr.DEFAULT_VOCAB.index("a") + 1] == pytest.approx(lm.log_prob("the c", "a"))
+    assert row[-1] == pytest.approx(lm.log_prob("the c", CharNgramLM.EOS))
+    with pytest.raises(ConfigError, match="not a stored character LM"):
+        CharNgramLM.from_bytes(b"{}")
+    with pytest.raises(ConfigError, match="vocabulary"):
+        beam_search(np.zeros((3, 4)), beam_width=2, vocab="abc", lm=lm)
