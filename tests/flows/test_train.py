@@ -131,6 +131,8 @@ def test_asr_trains_with_partial_overrides_and_registers_its_vocabulary(tmp_path
     assert config["spec_augment"]["num_freq_masks"] == 2 and config["dropout"] == 0.2  # defaults kept
     assert "".join(card.vocabulary).startswith(" '") and len(card.vocabulary) == 28
     assert (config["subsample"], config["upsample"]) == (2, 2)
+    decoder = card.extra["decoder"]  # the character LM ships with the model (tasks/train_lm.py)
+    assert decoder["lm_file"] in card.extra["files"] and decoder["lm"]["source"] == "training-split transcripts"
     report = (Path(result["report_dir"]) / "index.html").read_text()
     assert "Test transcripts" in report and report.count("<p class='tx'>ref: ") == result["metrics"]["num_test"]
 
