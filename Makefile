@@ -20,7 +20,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 help:
 	@echo "make demo        set up .venv and run scripts/demo.py"
 	@echo "make test        set up .venv and run the tests (pytest, e2e excluded)"
-	@echo "make test-e2e    run the end-to-end tests (pytest -m e2e)"
+	@echo "make test-e2e    the deployments end to end: Prefect server + worker, Dask CLI cluster, SeaweedFS"
 	@echo "make bench       run benchmarks/featurize.py"
 	@echo "make store-up    start the local SeaweedFS S3 store"
 	@echo "make store-down  stop it"
@@ -37,8 +37,10 @@ demo: venv
 test: venv
 	$(PYTHON) -m pytest -q
 
+# tests/e2e: a Prefect server, a process worker, `dask scheduler` + two `dask worker`s and SeaweedFS, started
+# as docs/deploy.md says; deploys infra/prefect.yaml and runs deployments through the API (~10 min on 2 cores).
 test-e2e: venv
-	$(PYTHON) -m pytest -q -m e2e
+	$(PYTHON) -m pytest -q -m e2e tests/e2e
 
 bench: venv
 	$(PYTHON) benchmarks/featurize.py

@@ -16,6 +16,7 @@ why stopping a process also stops the descendants it leaves behind.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -47,11 +48,15 @@ DEPLOY_DEFAULTS: dict[str, str] = {
     "AUDIOPIPE_TIMEZONE": "UTC",
     "AUDIOPIPE_ARCHIVE_URL": "s3://archive/audio",
     "AUDIOPIPE_FEATURES_URL": "s3://features/archive",
-    "AUDIOPIPE_TRANSCRIPTS_URL": "s3://transcripts/nightly",
+    "AUDIOPIPE_RESULTS_URL": "s3://results/nightly",
     "AUDIOPIPE_ASR_MODEL": "s3://models:asr@champion",
-    "AUDIOPIPE_LABELS_URL": "s3://labels/incoming",
-    "AUDIOPIPE_HOLDOUT_LABELS_URL": "s3://labels/holdout.parquet",
-    "AUDIOPIPE_RETRAIN_MODEL": "s3://models:asr",
+    "AUDIOPIPE_CLASSIFY_MODEL": "s3://models:classify@champion",
+    "AUDIOPIPE_SEPARATE_MODEL": "s3://models:separate@champion",
+    "AUDIOPIPE_REGISTRY_URL": "s3://models",
+    "AUDIOPIPE_ASR_LABELS_URL": "s3://labels/asr/incoming",
+    "AUDIOPIPE_ASR_HOLDOUT_URL": "s3://labels/asr/holdout.parquet",
+    "AUDIOPIPE_CLASSIFY_LABELS_URL": "s3://labels/classify/incoming",
+    "AUDIOPIPE_CLASSIFY_HOLDOUT_URL": "s3://labels/classify/holdout.parquet",
 }
 # Never handed to the server or to `prefect deploy`; the worker gets the keys passed to LocalServe only.
 _WITHHELD = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "PREFECT_API_KEY")
@@ -66,14 +71,20 @@ STOP_GRACE_S = 15.0
 
 @dataclass(frozen=True)
 class DeploymentEntry:
-    """One deployment of the prefect file: its name and ``path/to/file.py:function`` entrypoint."""
+    """One deployment of the prefect file: its name and ``package.module.flow`` entrypoint (a module path)."""
 
     name: str
     entrypoint: str
 
     @property
-    def flow_file(self) -> str:
-        return self.entrypoint.rsplit(":", 1)[0]
+    def module(self) -> str:
+        return self.entrypoint.rsplit(".", 1)[0]
+
+    def importable(self) -> bool:
+        try:
+            return importlib.util.find_spec(self.module) is not None
+        except ModuleNotFoundError:  # a parent package is missing
+            return False
 
 
 def read_deployments(prefect_file: Path) -> list[DeploymentEntry]:
@@ -116,7 +127,7 @@ class LocalServe:
         secret_key: Its secret.
         s3_port: S3 port on 127.0.0.1.
         api_port: Prefect server port on 127.0.0.1; a free one when None.
-        project_root: Checkout holding the flows; deploys run there and flow runs start there.
+        project_root: Folder ``prefect deploy`` runs in (flows are imported from the installed package).
         prefect_file: Deployment file (default ``<project_root>/infra/prefect.yaml``).
         env: Base environment of every child (default ``os.environ``).
     """
@@ -218,17 +229,17 @@ class LocalServe:
                     base_job_template=ProcessWorker.get_default_base_job_template()))
 
     def deploy(self) -> list[str]:
-        """``prefect deploy`` every deployment of the prefect file whose flow file exists; returns their names.
+        """``prefect deploy`` each deployment of the prefect file whose flow module is installed; returns names.
 
-        A deployment whose flow file is not in the checkout yet is skipped (named in ``skipped``); any
+        A deployment whose flow module is not installed (yet) is skipped (named in ``skipped``); any
         other deploy failure raises, with the end of ``deploy.log``.
         """
         refuse_credentials_in_deployments(self.prefect_file)  # before anything reaches the server
         entries = read_deployments(self.prefect_file)
-        ready = [e for e in entries if (self.project_root / e.flow_file).is_file()]
-        self.skipped = {e.name: f"{e.flow_file} not found" for e in entries if e not in ready}
+        ready = [e for e in entries if e.importable()]
+        self.skipped = {e.name: f"module {e.module} not installed" for e in entries if e not in ready}
         if not ready:
-            raise ConfigError(f"no deployment of {self.prefect_file} has its flow file in {self.project_root}.")
+            raise ConfigError(f"no deployment of {self.prefect_file} has its flow module installed.")
         cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file", str(self.prefect_file)]
         cmd += ["--all"] if len(ready) == len(entries) else [a for e in ready for a in ("--name", e.name)]
         log_path = self.logs_dir / "deploy.log"
@@ -276,7 +287,7 @@ class LocalServe:
         from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
 
         cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL, "--type", "process"]
-        self._worker = self._spawn("worker", cmd, self._env(credentials=True), cwd=self.project_root)
+        self._worker = self._spawn("worker", cmd, self._env(credentials=True))
         online = WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"]))
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S
         while True:
@@ -344,8 +355,9 @@ class LocalServe:
             PREFECT_API_URL=self.api_url,
             PREFECT_UI_URL=self.ui_url,
             AWS_ENDPOINT_URL=self.endpoint_url,
-            AUDIOPIPE_PROJECT_ROOT=str(self.project_root),
             PYTHONUNBUFFERED="1",
+            # Flow runs start in a temporary folder: their scratch (Dask spill, model cache) goes here instead.
+            AUDIOPIPE_WORK_DIR=str(self.work_dir),
         )
         if credentials:
             env.update(AWS_ACCESS_KEY_ID=self._keys[0], AWS_SECRET_ACCESS_KEY=self._keys[1])

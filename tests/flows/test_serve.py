@@ -238,7 +238,8 @@ def test_redeploy_keeps_deployments_and_history(served):
         runs_after = {r.id for r in client.read_flow_runs()}
     assert after == before
     assert runs_before <= runs_after
-    assert set(before) == {"featurize-archive", "nightly-transcribe", "retrain-on-new-labels"}
+    assert set(before) == {"featurize-archive", "nightly-transcribe", "retrain-on-new-labels", "nightly-classify",
+                           "nightly-separate", "retrain-classify-on-new-labels"}
     [schedule] = nightly.schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 2 * * *", "Europe/Berlin")
     assert nightly.concurrency_options.collision_strategy.value == "CANCEL_NEW"
