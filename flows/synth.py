@@ -31,9 +31,10 @@ logger = logging.getLogger(__name__)
 MAX_ITEMS = 1_000_000
 CHUNK_ITEMS = 100  # utterances per Dask task: ~5 minutes of audio, one festival process, ~10 s of work
 PARALLEL_KINDS = frozenset({"speech"})
-# Mean seconds of audio per item, measured on the seed-0 corpora of benchmarks/quality.py (6,000 utterances:
-# 4.7 h; 1,200 clips: 0.7 h; 800 scores: 2.1 h; 1,500 mixtures: 1.4 h). ``--hours`` converts with these.
-MEAN_ITEM_SECONDS = {"speech": 2.8, "sounds": 2.1, "music": 9.5, "mixtures": 3.4}
+# Mean seconds of audio per item, measured on seed-0 corpora (speech: 1,286 utterances, 1.025 h, after the
+# five text sources and speed perturbation; 1,200 clips: 0.7 h; 800 scores: 2.1 h; 1,500 mixtures: 1.4 h).
+# ``--hours`` converts with these.
+MEAN_ITEM_SECONDS = {"speech": 2.9, "sounds": 2.1, "music": 9.5, "mixtures": 3.4}
 
 
 def items_for_hours(kind: str, hours: float) -> int:

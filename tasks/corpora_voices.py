@@ -42,8 +42,9 @@ HELD_OUT_VOICES: tuple[str, ...] = ("espeak-ng:en-us+f4", "espeak-ng:en-gb-scotl
                                     "festival-hts:cmu_us_slt_arctic_hts")
 HELD_OUT_ENGINES = frozenset({FESTIVAL_HTS})
 # Share of each engine among training-voice utterances (docs/corpora.md). Piper is the most natural but
-# also the slowest (~18x real time on one thread, against 40-100x for the others), hence not more.
-ENGINE_WEIGHTS: dict[str, float] = {ESPEAK: 0.3, FLITE: 0.25, FESTIVAL: 0.3, PIPER: 0.15}
+# also the slowest (~12x real time on one thread here, against 75-250x for the others: at 15% it took half
+# of all synthesis time), so it gets the share that keeps `synth speech --hours 20` near 15 min on 2 cores.
+ENGINE_WEIGHTS: dict[str, float] = {ESPEAK: 0.35, FLITE: 0.2, FESTIVAL: 0.35, PIPER: 0.1}
 # Variants whose output is hard to transcribe even for a person (whispers, distortion, "fast_test").
 EXCLUDED_ESPEAK_VARIANTS = frozenset({"Demonic", "fast", "whisper", "whisperf"})
 EXCLUDED_FLITE_VOICES = frozenset({"awb_time"})  # a limited-domain voice that can only say the time
