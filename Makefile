@@ -38,7 +38,7 @@ test: venv
 	$(PYTHON) -m pytest -q
 
 # tests/e2e: a Prefect server, a process worker, `dask scheduler` + two `dask worker`s and SeaweedFS, started
-# as docs/deploy.md says; deploys infra/prefect.yaml and runs deployments through the API (~10 min on 2 cores).
+# as docs/deploy.md says; deploys infra/prefect.yaml and runs deployments through the API (~6 min on 2 cores).
 test-e2e: venv
 	$(PYTHON) -m pytest -q -m e2e tests/e2e
 
