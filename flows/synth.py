@@ -65,7 +65,7 @@ def synth(kind: str, out_url: str, n: int, seed: int, storage_options: dict[str,
         storage_options: fsspec/s3fs options for ``out_url`` (endpoint, keys), as ``--storage-options``.
         workers: Dask worker processes of the local cluster (speech).
         dask_address: An existing Dask scheduler instead of a local cluster.
-        chunk_items: Utterances per Dask task.
+        chunk_items: At most this many utterances per Dask task (fewer when that leaves a worker idle).
 
     Returns:
         ``{"kind", "labels_url", "num_rows", "num_files", "audio_hours", "seconds", "splits": {split: rows},
@@ -86,7 +86,10 @@ def synth(kind: str, out_url: str, n: int, seed: int, storage_options: dict[str,
         raise ConfigError(f"--workers and chunk_items must be at least 1, got {workers} and {chunk_items}")
     storage = merged_storage_spec(storage_options)
     started = time.monotonic()
-    ranges = [(a, min(a + chunk_items, n)) for a in range(0, n, chunk_items)]
+    # at most chunk_items per task, and at least two tasks per worker, so a small corpus still keeps every
+    # worker busy to the end (120 utterances: 4 x 30, not 100 + 20)
+    size = max(1, min(chunk_items, -(-n // (2 * workers))))
+    ranges = [(a, min(a + size, n)) for a in range(0, n, size)]
     if kind in PARALLEL_KINDS and len(ranges) > 1 and split_protocol(out_url) != "memory":
         rows, num_files = _on_dask(kind, out_url, storage, ranges, seed, workers, dask_address)
     else:

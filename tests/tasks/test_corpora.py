@@ -320,7 +320,7 @@ def test_synth_rejects_bad_arguments(tmp_path: Path, kind: str, n: int, seed: in
 
 def test_synth_speech_runs_ranges_on_dask_workers(tmp_path: Path) -> None:
     counts = synth("speech", str(tmp_path / "out"), 7, 7, None, workers=2, chunk_items=3)
-    assert counts["tasks"] == 3 and counts["num_rows"] == counts["num_files"] == 7
+    assert counts["tasks"] == 4 and counts["num_rows"] == counts["num_files"] == 7  # 2 per worker: ranges of 2
     table = pq.read_table(tmp_path / "out/labels/labels.parquet", use_threads=False).to_pylist()
     assert [Path(r["source"]).name for r in table] == [f"speech-{i:06d}.wav" for i in range(7)]
     local = write_speech(tmp_path / "local", n=7, seed=7)
