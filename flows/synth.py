@@ -6,10 +6,11 @@ Out: the files under ``OUT_URL/audio/...`` (and ``OUT_URL/midi/...`` for music) 
 the uploaded files' URLs in the same form as the featurize manifest.
 
 Speech runs on Dask workers (``--workers``, or any scheduler via ``--dask-address``), like everything else:
-the items are cut into ranges of ``chunk_items``, each worker writes its range to a local temporary
-directory (the synthesizers write local files) and uploads it, and the labels table is published last, so
-a labels file never names a file that is not there yet. The other kinds, a single range, and ``memory://``
-outputs (a store no worker process can see) run in this process. A plain function, not a Prefect flow:
+the items are cut into ranges of at most ``chunk_items``, each worker writes its range to a local
+temporary directory (the synthesizers write local files) and uploads it, and the labels table is published
+last, so a labels file never names a file that is not there yet. The other kinds, at most ``chunk_items``
+utterances (a cluster's start-up would cost more than it saves), and ``memory://`` outputs (a store no
+worker process can see) run in this process. A plain function, not a Prefect flow:
 nothing to retry per shard that Dask does not already retry.
 """
 
@@ -90,7 +91,7 @@ def synth(kind: str, out_url: str, n: int, seed: int, storage_options: dict[str,
     # worker busy to the end (120 utterances: 4 x 30, not 100 + 20)
     size = max(1, min(chunk_items, -(-n // (2 * workers))))
     ranges = [(a, min(a + size, n)) for a in range(0, n, size)]
-    if kind in PARALLEL_KINDS and len(ranges) > 1 and split_protocol(out_url) != "memory":
+    if kind in PARALLEL_KINDS and n > chunk_items and split_protocol(out_url) != "memory":
         rows, num_files = _on_dask(kind, out_url, storage, ranges, seed, workers, dask_address)
     else:
         rows, num_files = write_and_upload(kind, out_url, storage, start=0, stop=n, seed=seed)
