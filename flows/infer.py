@@ -113,7 +113,8 @@ class InferPlan:
 
 
 def model_spec(task_name: str, model: str, storage: StorageSpec, *, in_url: str, work_dir: Path,
-               window_s: float | None = None, batch_size: int = 32, decoder: dict | None = None) -> InferSpec:
+               window_s: float | None = None, batch_size: int = 32, decoder: dict | None = None,
+               logger=None) -> InferSpec:
     """Resolve ``model`` and download it, verifying its checksum, before any work is planned.
 
     ``decoder`` (transcribe): ``beam_width``, ``lm_weight``, ``insertion_bonus`` overriding the setting
@@ -144,8 +145,8 @@ def model_spec(task_name: str, model: str, storage: StorageSpec, *, in_url: str,
         from audiopipe.tasks.infer_decode import decoder_fields
 
         decoding, note = decoder_fields(card, **(decoder or {}))
-        if note:
-            log.info(note)
+        if note:  # a model registered before LMs were stored with it
+            (logger or log).warning(note)
         if decoding["lm_file"]:  # verified now, like the model: a damaged LM stops the run before any work
             registry.fetch_file(ref, decoding["lm_file"], work_dir / "models")
     return InferSpec(task=task_name, registry_url=registry.url, model_name=ref.name, model_version=ref.version,
@@ -162,11 +163,8 @@ def plan_inference(task_name: str, in_url: str, out_url: str, model: str, storag
     logger = get_run_logger()
     check_output_writable(out_url, storage)
     spec = model_spec(task_name, model, storage, in_url=in_url, work_dir=Path(settings.work_dir),
-                      window_s=window_s, batch_size=batch_size, decoder=decoder)
-    if task_name == "transcribe" and not spec.lm_file:
-        logger.warning("%s has no character LM stored with it (registered before audiopipe stored one; retrain to "
-                       "get one): decoding with %s", spec.model_tag, spec.describe_decoder())
-    elif task_name == "transcribe":
+                      window_s=window_s, batch_size=batch_size, decoder=decoder, logger=logger)
+    if task_name == "transcribe":
         logger.info("%s: decoding with %s", spec.model_tag, spec.describe_decoder())
     sources = list_audio_sources(in_url, storage)
     fs, root = open_fs(out_url, storage)

@@ -125,11 +125,16 @@ class CharNgramLM:
 
     def row(self, history: str) -> np.ndarray:
         """``log P(. | history)`` as float64 ``(len(vocab) + 2,)``: index 0 unused (the CTC blank), ``i`` the
-        character ``vocab[i - 1]``, the last the sentence end. Cached: one computation per history."""
+        character ``vocab[i - 1]``, the last the sentence end. Do not modify it: rows are cached, one per
+        history the LM has counts for (so the cache is bounded by the LM's size), one shared for the rest."""
         cached = self._rows.get(history)
         if cached is None:
             entry = self._table.get(history)
             if entry is None:
+                history = _EOS  # never a history: the key of the shared uniform row
+                cached = self._rows.get(history)
+                if cached is not None:
+                    return cached
                 cached = np.full(len(self.vocab) + 2, self._uniform)
             else:
                 seen, unseen = entry
@@ -267,30 +272,32 @@ class _BeamSearch:
         self.lp, self.width, self.vocab, self.lm = log_probs, beam_width, vocab, lm
         self.weight, self.bonus = float(lm_weight), float(bonus)
         num_classes = log_probs.shape[1]
-        # per node: parent, last label, emission frame, LM+bonus score so far, LM history
+        # per node: parent, last label, emission frame, LM+bonus score so far, LM history and its row id
         self.parent, self.label, self.frame, self.extra = [-1], [0], [-1], [0.0]
         self.hist = [lm.history("") if lm else ""]
         self.children: dict[tuple[int, int], int] = {}
-        self.rows: dict[str, np.ndarray] = {}
-        self.flat = np.zeros(num_classes)  # the bonus per label when there is no LM
-        self.flat[1:] = self.bonus
+        # one row per LM history: LM-weighted log P(label | history) + bonus per class (index 0 unused,
+        # the last column the sentence end); without an LM one row holds the bonus alone
+        self.table = np.zeros((64, num_classes + 1))
+        self.row_of: dict[str, int] = {}
+        self.row_id = [self._row_id(self.hist[0])]
         k = num_classes - 1 if max_candidates is None else min(max_candidates, num_classes - 1)
         order = np.argsort(-log_probs[:, 1:], axis=1, kind="stable")[:, :k] + 1
         keep = np.take_along_axis(log_probs, order, axis=1) >= log_probs.max(axis=1, keepdims=True) + PRUNE_LOGP
         self.cands, self.keep = order, keep
         self.skip = (log_probs[:, BLANK] >= math.log(blank_skip)) if blank_skip else np.zeros(len(log_probs), bool)
 
-    def _row(self, node: int) -> np.ndarray:
-        """LM-weighted log P(label | prefix) + bonus, per class (index 0 unused; last = sentence end)."""
-        if self.lm is None:
-            return self.flat
-        h = self.hist[node]
-        row = self.rows.get(h)
-        if row is None:
-            row = self.weight * self.lm.row(h)
+    def _row_id(self, history: str) -> int:
+        rid = self.row_of.get(history)
+        if rid is None:
+            rid = len(self.row_of)
+            if rid == len(self.table):
+                self.table = np.concatenate([self.table, np.zeros_like(self.table)])
+            row = self.weight * self.lm.row(history) if self.lm else np.zeros(self.table.shape[1])
             row[1:-1] += self.bonus
-            self.rows[h] = row
-        return row
+            self.table[rid] = row
+            self.row_of[history] = rid
+        return rid
 
     def _child(self, node: int, label: int, t: int) -> int:
         key = (node, label)
@@ -301,8 +308,10 @@ class _BeamSearch:
             self.parent.append(node)
             self.label.append(label)
             self.frame.append(t)
-            self.extra.append(self.extra[node] + float(self._row(node)[label]))
-            self.hist.append(self.lm.history(self.hist[node] + self.vocab[label - 1]) if self.lm else "")
+            self.extra.append(self.extra[node] + float(self.table[self.row_id[node], label]))
+            history = self.lm.history(self.hist[node] + self.vocab[label - 1]) if self.lm else ""
+            self.hist.append(history)
+            self.row_id.append(self._row_id(history))
         return child
 
     def run(self) -> tuple[np.ndarray, np.ndarray]:
@@ -310,7 +319,7 @@ class _BeamSearch:
         nodes = [0]
         pb, pnb = np.array([0.0]), np.array([neg])
         last, last_list, parents, extra = np.array([0]), [0], [-1], np.array([0.0])
-        rows = self._row(0)[None, :]
+        rows = self.table[[0]]
         for t, frame in enumerate(self.lp):
             total = np.logaddexp(pb, pnb)
             stay_pb = total + frame[BLANK]
@@ -348,11 +357,11 @@ class _BeamSearch:
             last = np.array(last_list)
             parents = [self.parent[x] for x in nodes]
             extra = np.array([self.extra[x] for x in nodes])
-            rows = np.stack([self._row(x) for x in nodes])
+            rows = self.table[[self.row_id[x] for x in nodes]]
         return self._best(np.asarray(nodes), pb, pnb)
 
     def _best(self, nodes, pb, pnb) -> tuple[np.ndarray, np.ndarray]:
-        end = np.array([self._row(n)[-1] if self.lm else 0.0 for n in nodes])
+        end = self.table[[self.row_id[n] for n in nodes], -1] if self.lm else np.zeros(len(nodes))
         extra = np.array([self.extra[n] for n in nodes])
         node = int(nodes[int(np.argmax(np.logaddexp(pb, pnb) + extra + end))])
         ids, frames = [], []

@@ -272,10 +272,18 @@ def test_transcribe_decodes_with_the_models_lm_by_default_and_greedily_on_reques
         run_inference("transcribe", str(inputs), str(tmp_path / "bad"), ref, settings=settings, beam_width=0)
 
 
-def test_a_model_stored_without_an_lm_decodes_greedily_or_beam_without_lm(tmp_path):
+def test_a_model_stored_without_an_lm_decodes_greedily_or_beam_without_lm(tmp_path, caplog):
     ref = register_asr(str(tmp_path / "reg"))  # registered as before LMs were stored: no files on the card
-    spec = model_spec("transcribe", ref, StorageSpec(), in_url=str(tmp_path), work_dir=tmp_path / "work")
+    with caplog.at_level("WARNING", logger="audiopipe.flows.infer"):
+        spec = model_spec("transcribe", ref, StorageSpec(), in_url=str(tmp_path), work_dir=tmp_path / "work")
+    assert "asr@1 has no character LM stored with it" in caplog.text and "greedy decoding" in caplog.text
     assert (spec.beam_width, spec.lm_file) == (1, "") and spec.describe_decoder() == "greedy (best path)"
+    caplog.clear()
+    with_lm = register_asr_with_lm(str(tmp_path / "reg2"))
+    with caplog.at_level("WARNING", logger="audiopipe.flows.infer"):
+        greedy = model_spec("transcribe", with_lm, StorageSpec(), in_url=str(tmp_path), work_dir=tmp_path / "work",
+                            decoder={"beam_width": 1})
+    assert greedy.beam_width == 1 and not caplog.text  # greedy on request is no warning
     beam = model_spec("transcribe", ref, StorageSpec(), in_url=str(tmp_path), work_dir=tmp_path / "work",
                       decoder={"beam_width": 4})
     assert (beam.beam_width, beam.lm_file, beam.lm_weight, beam.insertion_bonus) == (4, "", 0.0, 0.0)
