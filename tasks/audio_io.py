@@ -19,11 +19,13 @@ import soundfile as sf
 import soxr
 
 from audiopipe.infra.errors import BadAudioError, TransientStorageError
+from audiopipe.tasks import audio_av
 
 # Names discovery lists. Only a filter: every listed file is decoded by its content, whatever its extension
-# says (a WAV named .m4a is read as WAV). .m4a/.aac are listed so AAC files get a row ("unsupported format").
+# says (a WAV named .m4a is read as WAV). libsndfile decodes what it can; MP4/M4A, raw AAC, WebM/Matroska and
+# ASF/WMA go to PyAV's bundled ffmpeg (tasks/audio_av.py).
 AUDIO_EXTENSIONS = frozenset({".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc",
-                              ".m4a", ".aac"})
+                              ".m4a", ".m4b", ".aac", ".mp4", ".webm", ".mka", ".wma", ".asf"})
 WHOLE_READ_MAX_BYTES = 32 * 1024 * 1024  # one GET below this; streamed with range reads above
 STREAM_BLOCK_BYTES = 8 * 1024 * 1024
 MAX_SEGMENT_BYTES = 1024 * 1024 * 1024  # channels x frames x 4 bytes of one decoded segment
@@ -128,61 +130,69 @@ def open_source(fs, path: str, size: int, *, stream: bool = False) -> io.IOBase:
         raise TransientStorageError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
 
 
-def probe(handle: io.IOBase) -> tuple[sf.SoundFile, AudioInfo]:
-    """Open the decoder and check the header. The caller closes the returned ``SoundFile``.
+def probe(handle: io.IOBase, size: int | None = None):
+    """Open the decoder and check the header. The caller closes the returned decoder.
 
-    The format comes from the content (libsndfile sniffs it), never from the file name.
+    The format comes from the content, never from the file name: libsndfile sniffs it; content it cannot
+    open whose first bytes name an MP4/M4A, raw AAC, WebM/Matroska or ASF/WMA container is decoded by
+    PyAV (``audio_av.AvDecoder``, the same ``seek``/``read``/``close``). ``size`` is the object's size, when
+    known, for naming an MP4 cut short.
 
     Raises:
         HeaderRejected: a header that was read but is refused (implausible rate, too many channels,
             truncated WAV/AIFF, no frames); its ``info`` holds what the header declared.
-        BadAudioError: content libsndfile cannot open (not audio, AAC, a header it refuses).
+        BadAudioError: content neither decoder can open (not audio, a damaged or truncated container).
+        TransientStorageError: when the store cannot be read.
     """
     try:
         snd = sf.SoundFile(handle)
     except sf.LibsndfileError as exc:
         _raise_if_storage(handle, "opening")
-        raise BadAudioError(_unopenable_reason(handle, _decoder_message(exc))) from None
+        snd = _open_other(handle, _decoder_message(exc), size)
     except (RuntimeError, TypeError, ValueError) as exc:
         _raise_if_storage(handle, "opening")
-        raise BadAudioError(_unopenable_reason(handle, str(exc))) from None
+        snd = _open_other(handle, str(exc), size)
     info = AudioInfo(snd.samplerate, snd.channels, snd.frames, snd.format, snd.subtype)
     try:
         _check_header(snd, info)
+        # libsndfile reads a cut-off Ogg file as a shorter one; PyAV reports what the container's framing says
+        damage = audio_av.container_damage(handle, "OGG", size) if info.format == "OGG" else snd_damage(snd)
+        _raise_if_storage(handle, "opening")
+        if damage:
+            raise BadAudioError(damage)
     except BadAudioError as exc:
         snd.close()
         raise HeaderRejected(str(exc), info) from None
     return snd, info
 
 
-def _unopenable_reason(handle: io.IOBase, decoder_says: str) -> str:
-    """Why libsndfile could not open the content: a named format it lacks, else what the decoder said."""
+def _open_other(handle: io.IOBase, decoder_says: str, size: int | None):
+    """Content libsndfile could not open: a PyAV decoder when its first bytes name a container PyAV
+    decodes, else the reason it is rejected."""
     if "too many channels" in decoder_says.lower():
-        return (f"too many channels: the header declares more than {LIBSNDFILE_MAX_CHANNELS}, the most "
-                f"libsndfile decodes (audiopipe mixes at most {MAX_CHANNELS} down to mono)")
+        raise BadAudioError(f"too many channels: the header declares more than {LIBSNDFILE_MAX_CHANNELS}, the "
+                            f"most libsndfile decodes (audiopipe mixes at most {MAX_CHANNELS} down to mono)")
     try:
         handle.seek(0)
-        head = handle.read(12) or b""
-    except Exception:  # noqa: BLE001 - the sniff is only a better message; the decoder's stands without it
+        head = handle.read(audio_av.SNIFF_BYTES) or b""
+    except Exception:  # noqa: BLE001 - the sniff is only a better route; the decoder's reason stands without it
         head = b""
     _raise_if_storage(handle, "opening")
-    container = sniff_unsupported(head)
-    if container:
-        return f"unsupported format: {container}, which libsndfile cannot decode; convert to FLAC or WAV"
-    return f"undecodable: {decoder_says}"
+    container = audio_av.sniff_container(head)
+    if container is None:
+        cut = audio_av.container_damage(handle, "OGG", size) if head.startswith(b"OggS") else None
+        _raise_if_storage(handle, "opening")
+        raise BadAudioError(cut or f"undecodable: {decoder_says}")
+    try:
+        return audio_av.AvDecoder(handle, *container, size=size)
+    except Exception:
+        _raise_if_storage(handle, "opening")  # ffmpeg saw the end of a dropped connection, not of the file
+        raise
 
 
-def sniff_unsupported(head: bytes) -> str | None:
-    """Name the audio format of ``head`` (a file's first bytes) when libsndfile has no decoder for it.
-
-    An MP4 file has an ``ftyp`` box at byte 4; raw AAC (ADTS) starts with a 12-bit sync word and layer
-    bits ``00``, which MPEG audio (MP3) never uses, so an MP3 is never taken for AAC.
-    """
-    if head[4:8] == b"ftyp":
-        return "an MP4/M4A container (AAC or ALAC audio)"
-    if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xF6 == 0xF0:
-        return "raw AAC (ADTS)"
-    return None
+def snd_damage(snd) -> str | None:
+    """What a PyAV decoder found wrong with its container's framing (None for libsndfile's files)."""
+    return getattr(snd, "damage", None)
 
 
 def _check_header(snd: sf.SoundFile, info: AudioInfo) -> None:
@@ -193,7 +203,7 @@ def _check_header(snd: sf.SoundFile, info: AudioInfo) -> None:
     if info.channels > MAX_CHANNELS:
         raise BadAudioError(f"too many channels: the header declares {info.channels}; audiopipe mixes at most "
                             f"{MAX_CHANNELS} down to mono (split the channels into separate files first)")
-    short = _SHORT_CHUNK.search(snd.extra_info or "")
+    short = _SHORT_CHUNK.search(getattr(snd, "extra_info", "") or "")
     if short and int(short.group(1)) not in _STREAMED_WAV_SIZES and int(short.group(2)) < int(short.group(1)):
         declared, present = int(short.group(1)), int(short.group(2))
         raise BadAudioError(f"truncated: the header declares {declared} bytes of audio data "
@@ -246,7 +256,7 @@ def resample(samples: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
     return soxr.resample(samples, rate_in, rate_out, quality="HQ").astype(np.float32, copy=False)
 
 
-def iter_segments(handle: io.IOBase, snd: sf.SoundFile, info: AudioInfo, *, segment_seconds: float,
+def iter_segments(handle: io.IOBase, snd: sf.SoundFile | audio_av.AvDecoder, info: AudioInfo, *, segment_seconds: float,
                   target_rate: int, first: int = 0, stop: int | None = None
                   ) -> Iterator[tuple[int, float, float, np.ndarray]]:
     """Yield ``(index, start_s, duration_s, mono samples at target_rate)`` for segments ``first <= i < stop``.
@@ -273,6 +283,9 @@ def iter_segments(handle: io.IOBase, snd: sf.SoundFile, info: AudioInfo, *, segm
             _raise_if_storage(handle, "seeking")
             raise BadAudioError(f"corrupt: cannot seek to {first * segment_seconds:g} s: "
                                 f"{_decoder_message(exc)}") from None
+        except Exception:  # PyAV: its reason, unless the store failed underneath
+            _raise_if_storage(handle, "seeking")
+            raise
         _raise_if_storage(handle, "seeking")
     for index in range(first, stop):
         want = min(step, info.frames - index * step)
@@ -282,6 +295,9 @@ def iter_segments(handle: io.IOBase, snd: sf.SoundFile, info: AudioInfo, *, segm
             _raise_if_storage(handle, "decoding")
             raise BadAudioError(f"corrupt: decoding failed at {index * segment_seconds:g} s: "
                                 f"{_decoder_message(exc)}") from None
+        except Exception:
+            _raise_if_storage(handle, "decoding")
+            raise
         _raise_if_storage(handle, "decoding")
         _check_length(block.shape[0], want, index, step, info)
         if block.shape[0] == 0:

@@ -113,7 +113,7 @@ def probe_item(source: SourceFile, storage: StorageSpec) -> AudioInfo | Rejectio
         return Rejection(str(exc))
     with handle:
         try:
-            snd, info = probe(handle)
+            snd, info = probe(handle, source.size)
         except BadAudioError as exc:
             return Rejection(str(exc), header_of(exc))
         snd.close()
@@ -138,7 +138,7 @@ def featurize_item(item: WorkItem, cfg: FeatureConfig, storage: StorageSpec) -> 
     except BadAudioError as exc:
         return ItemResult(url, reason=str(exc), busy_s=time.perf_counter() - started)
     try:
-        snd, info = probe(handle)
+        snd, info = probe(handle, item.source.size)
     except BadAudioError as exc:
         handle.close()
         return ItemResult(url, reason=str(exc), info=header_of(exc), busy_s=time.perf_counter() - started)

@@ -419,6 +419,16 @@ _MESSY_FORMATS: tuple[tuple[str, int, int, str, str], ...] = (
     ("accents/Ångström ñandú.flac", 22050, 2, "FLAC", "PCM_24"),
     ("names with spaces/my recording 01.wav", 16000, 1, "WAV", "PCM_16"),
 )
+# (relative path, sample rate Hz, channels, tasks.audio_encode format): formats libsndfile cannot read
+# (Ogg Opus aside), decoded through PyAV
+_MESSY_ENCODED: tuple[tuple[str, int, int, str], ...] = (
+    ("formats/aac_44k_stereo.m4a", 44100, 2, "m4a"),
+    ("formats/adts_22k.aac", 22050, 1, "aac"),
+    ("formats/video_track.mp4", 48000, 2, "mp4"),
+    ("formats/voice_48k.opus", 48000, 1, "opus"),
+    ("formats/stream_48k.webm", 48000, 2, "webm"),
+    ("formats/legacy_44k.wma", 44100, 2, "wma"),
+)
 
 
 def _write_long(path: Path, duration_s: float, seed: int, sr: int = 16000) -> None:
@@ -431,6 +441,21 @@ def _write_long(path: Path, duration_s: float, seed: int, sr: int = 16000) -> No
             freq = 300.0 + 200.0 * ((start // BLOCK_FRAMES) % 5)  # pitch steps every ~4 s
             block = 0.25 * np.sin(2 * np.pi * freq * t) + 0.03 * rng.standard_normal(t.size)
             f.write(block.astype(np.float32))
+
+
+def _write_encoded_formats(out_dir: Path, seed: int) -> dict[str, str]:
+    """M4A, raw AAC, MP4, Opus, WebM and WMA files, and broken ones: cut in half, random bytes, 0 bytes."""
+    from audiopipe.tasks.audio_encode import encode_audio
+
+    manifest = {}
+    for i, (rel, sr, ch, fmt) in enumerate(_MESSY_ENCODED):
+        data = encode_audio(_mix(sr, 1.0 + (i % 3) * 0.5, _rng(seed, rel), ch), sr, fmt)
+        (out_dir / rel).write_bytes(data)
+        (out_dir / f"bad/truncated.{fmt}").write_bytes(data[: len(data) // 2])
+        manifest |= {rel: OK, f"bad/truncated.{fmt}": REJECTED}
+    (out_dir / "bad/random.m4a").write_bytes(_rng(seed, "bad/random.m4a").bytes(6000))
+    (out_dir / "bad/empty.webm").write_bytes(b"")
+    return manifest | {"bad/random.m4a": REJECTED, "bad/empty.webm": REJECTED}
 
 
 def write_messy_archive(out_dir: Path, *, seed: int = 0, long_file_s: float = 600.0) -> dict[str, str]:
@@ -460,6 +485,7 @@ def write_messy_archive(out_dir: Path, *, seed: int = 0, long_file_s: float = 60
     raw = mp3.read_bytes()
     mp3.write_bytes(raw[: len(raw) // 2])
     manifest |= {"bad/nan.wav": REJECTED, "bad/truncated.mp3": REJECTED}
+    manifest |= _write_encoded_formats(out_dir, seed)
     _write_long(out_dir / "long/long_16k.wav", long_file_s, seed)
     manifest["long/long_16k.wav"] = OK
     logger.info("wrote messy archive: %d files under %s", len(manifest), out_dir)

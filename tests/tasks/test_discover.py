@@ -21,8 +21,11 @@ AUDIO = [
     "g.aiff",
     "h.AIF",
     "i.opus",
-    "j.m4a",  # listed (then rejected with a reason), never silently skipped
+    "j.m4a",  # decoded through PyAV (tasks/audio_av.py)
     "k.AAC",
+    "sous dossier/x.wma",
+    "clip.mp4",
+    "stream.WebM",
     "l.wave",
     "sous dossier/café été.wav",
     "日本語/音声テスト.flac",
@@ -39,7 +42,7 @@ IGNORED = [
     "a.wav.txt",
     "wav",
     "nested/readme.WAV.md",
-    "sous dossier/x.wma",
+    "video.mkv",
 ]
 
 
