@@ -19,7 +19,8 @@ local registry, it measures:
     ctc, write);
 (b) the same with the default decoder, the nightly job's: CTC prefix beam search (width 8) with the
     character LM registered with the model (fitted on the corpus's sentences, weight 0.3, bonus 1.5), into
-    another fresh output; its steady throughput against (g)'s is the beam column. The untrained model's
+    another fresh output; (g) and (b) run twice each, alternating, and the faster run of each counts; (b)'s
+    steady throughput against (g)'s is the beam column. The untrained model's
     outputs are nearly flat, the beam search's worst case: no frame is blank-dominated, and every frame
     offers the top-8 characters;
 (c) the same command again: it must write nothing (the output tree is compared file by file);
@@ -419,13 +420,21 @@ def run_transcribe(corpus: Path, out: Path, model_ref: str, work_dir: Path, **de
 
 def flow_runs(corpus: Path, files: list[dict], model_ref: str, audio_s: float, problems: list[str]) -> dict:
     """(g) greedy (``--beam-width 1``) and (b) the default decoder (beam search with the model's LM), each
-    into a fresh output, then (c) (b)'s command again, which must write nothing."""
+    twice, alternating, into fresh outputs (the faster of each pair is kept: other processes on a shared
+    machine slow one run or the other); then (c) (b)'s command again, which must write nothing."""
     out, work = DATA / "inference-out", DATA / "inference-work"
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(DATA / "inference-out-greedy", ignore_errors=True)
     res = {"prefect_start_s": start_prefect()}
-    res["g"] = run_transcribe(corpus, DATA / "inference-out-greedy", model_ref, work, beam_width=1)
-    res["b"] = b = run_transcribe(corpus, out, model_ref, work)
+    runs: dict[str, list[dict]] = {"g": [], "b": []}
+    for attempt in range(2):
+        for key, decoder in (("g", {"beam_width": 1}), ("b", {})):
+            target = out if key == "b" else DATA / "inference-out-greedy"
+            shutil.rmtree(target, ignore_errors=True)
+            runs[key].append(run_transcribe(corpus, target, model_ref, work, **decoder))
+    res["g"] = max(runs["g"], key=lambda r: r["steady_x_realtime"])
+    res["b"] = b = runs["b"][-1]  # its output is what (c) reruns over; rows show this run
+    b["steady_x_realtime_runs"] = [r["steady_x_realtime"] for r in runs["b"]]
+    res["g"]["steady_x_realtime_runs"] = [r["steady_x_realtime"] for r in runs["g"]]
+
     if b["recordings_ok"] != len(files) or b["recordings_rejected"]:
         problems.append(f"b: {b['recordings_ok']} ok, {b['recordings_rejected']} rejected of {len(files)} files")
     if abs(b["audio_s"] - audio_s) > AUDIO_TOLERANCE * audio_s:
@@ -636,7 +645,8 @@ def derived(res: dict) -> dict:
         out["b_wall_vs_a"] = (b["audio_s"] / b["outer_wall_s"]) / a["x_realtime"]
         out["rerun_vs_b_wall"] = res["c"]["outer_wall_s"] / b["outer_wall_s"]
         out["b_untimed_worker_s"] = b["workers"] * b["processing_s"] - sum(b["timings"].values())
-        out["b_vs_g"] = b["steady_x_realtime"] / res["g"]["steady_x_realtime"]
+        out["b_vs_g"] = max(b.get("steady_x_realtime_runs", [b["steady_x_realtime"]])) / max(
+            res["g"].get("steady_x_realtime_runs", [res["g"]["steady_x_realtime"]]))
         out["g_untimed_worker_s"] = res["g"]["workers"] * res["g"]["processing_s"] - sum(res["g"]["timings"].values())
     return out
 
@@ -683,8 +693,11 @@ def flow_rows(res: dict) -> list[tuple[str, str, str, str]]:
          f"{b['outer_wall_s']:.1f} / {b['startup_s']:.1f} / {b['processing_s']:.1f} s", "", cpu_note(b["cpu"])),
         ("(b)   steady x real time (audio / processing)", f"{b['steady_x_realtime']:,.0f}", f"{d['b_vs_a']:.2f}x (a)",
          verdict(d["b_vs_a"], TARGETS["b_vs_a"], ">= 2.5x")),
-        ("(b)   steady throughput, beam + LM vs greedy (g)", f"{b['steady_x_realtime']:,.0f} vs "
-         f"{gr['steady_x_realtime']:,.0f}", f"{d['b_vs_g']:.2f}x (g)", verdict(d["b_vs_g"], TARGETS["b_vs_g"], ">= 0.5x")),
+        ("(b)   steady throughput, beam + LM vs greedy (g), faster of two runs each",
+         f"{max(b['steady_x_realtime_runs']):,.0f} vs {max(gr['steady_x_realtime_runs']):,.0f} (runs: "
+         f"{' / '.join(f'{x:,.0f}' for x in b['steady_x_realtime_runs'])} vs "
+         f"{' / '.join(f'{x:,.0f}' for x in gr['steady_x_realtime_runs'])})", f"{d['b_vs_g']:.2f}x (g)",
+         verdict(d["b_vs_g"], TARGETS["b_vs_g"], ">= 0.5x")),
         ("(b)   end-to-end x real time (audio / wall, start-up included)", f"{b['audio_s'] / b['outer_wall_s']:,.0f}",
          f"{d['b_wall_vs_a']:.2f}x (a)", ""),
         ("(b)   worker-seconds", split({**b["timings"], "untimed_s": d["b_untimed_worker_s"]},
