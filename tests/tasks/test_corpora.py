@@ -372,3 +372,22 @@ def test_evaluation_groups_report_voices_engines_and_each_degradation(speech) ->
     for r in speech[1]:  # every label row can be grouped from what the labels carry
         groups = augment.degradation_groups(r.augment, json.loads(r.params), r.snr_db)
         assert groups == ["clean"] or set(r.augment) <= set(groups)
+
+
+def test_lm_training_text_holds_every_source_and_no_held_out_sentence() -> None:
+    from audiopipe.tasks.corpora_text import load_sentences, training_text
+
+    text = training_text(300, seed=1)
+    fortunes = load_sentences()["train"]
+    extra = text[len(fortunes):]
+    assert text[:len(fortunes)] == list(fortunes) and len(extra) == 300
+    assert all(sentence_split(t) == "train" for t in extra)
+    assert any(t.startswith("press ") or " dollars" in t for t in extra)
+
+
+def test_only_speech_is_written_in_ranges(tmp_path: Path) -> None:
+    from audiopipe.infra.storage import StorageSpec
+    from audiopipe.tasks.corpora import write_and_upload
+
+    with pytest.raises(ConfigError, match="only speech"):
+        write_and_upload("sounds", str(tmp_path), StorageSpec({}), start=8, stop=16, seed=0)
