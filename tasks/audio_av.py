@@ -117,12 +117,23 @@ class AvDecoder:
 
     def _count_frames(self) -> int:
         """Frames from the packets' durations, demuxed without decoding; a cut-off last ADTS frame is
-        reported as truncation rather than counted."""
+        reported as truncation rather than counted. Remembered per file content in this process, as every
+        chunk of a long file probes it again."""
+        key = _content_key(self._handle, self._size)
+        if key in _COUNTED:
+            frames, damage = _COUNTED[key]
+            self.damage = self.damage or damage
+            return frames
+        import av
+
         ticks, last = 0, None
-        for packet in self._container.demux(self._stream):
-            if packet.size:
-                ticks += packet.duration or 0
-                last = packet
+        try:
+            for packet in self._container.demux(self._stream):
+                if packet.size:
+                    ticks += packet.duration or 0
+                    last = packet
+        except av.FFmpegError as exc:
+            self.damage = f"corrupt: demuxing failed after {ticks * self._tick:.2f} s: {exc}"
         if last is not None and self._demuxer == "aac":
             data = bytes(last)
             if len(data) >= 6 and data[0] == 0xFF:
@@ -133,7 +144,12 @@ class AvDecoder:
         self._container.close()
         self._container = self._open()
         self._stream = self._container.streams.audio[0]
-        return round(ticks * self._tick * self.samplerate)
+        frames = round(ticks * self._tick * self.samplerate)
+        if key is not None:
+            if len(_COUNTED) >= 256:
+                _COUNTED.pop(next(iter(_COUNTED)))
+            _COUNTED[key] = frames, self.damage
+        return frames
 
     # ---- reading ------------------------------------------------------------------------------------
 
@@ -147,18 +163,30 @@ class AvDecoder:
         import av
 
         packets = self._container.demux(self._stream)
-        for packet in packets:
+        while True:
             try:
+                packet = next(packets, None)
+                if packet is None:
+                    return
                 frames = self._stream.decode(packet)
             except av.FFmpegError as exc:
-                if next(packets, None) is None or not packet.size:
-                    raise BadAudioError(f"truncated: {self._what} ends inside a frame, after "
-                                        f"{self._position / self.samplerate:.2f} s of the declared "
-                                        f"{self.frames / self.samplerate:.2f} s") from None
-                raise BadAudioError(f"corrupt: decoding failed near {self._position / self.samplerate:.2f} s: "
-                                    f"{getattr(exc, 'strerror', None) or exc}") from None
+                raise BadAudioError(self._failure(exc, packets)) from None
             for frame in frames:
                 yield self._index_of(frame), _samples(frame, self.channels)
+
+    def _failure(self, exc: Exception, packets) -> str:
+        """A demux or decode error: truncation when nothing follows it, else corruption."""
+        import av
+
+        try:
+            at_end = next(packets, None) is None
+        except av.FFmpegError:
+            at_end = False
+        where = self._position / self.samplerate
+        if at_end:
+            return (f"truncated: {self._what} ends inside a frame, after {where:.2f} s of the declared "
+                    f"{self.frames / self.samplerate:.2f} s")
+        return f"corrupt: decoding failed near {where:.2f} s: {getattr(exc, 'strerror', None) or exc}"
 
     def _index_of(self, frame) -> int | None:
         if frame.pts is None:
@@ -241,6 +269,25 @@ class AvDecoder:
         if container is not None:
             container.close()
             self._container = None
+
+
+_COUNTED: dict[tuple, tuple[int, str | None]] = {}  # content key -> (frames, damage) of counted files
+
+
+def _content_key(handle: io.IOBase, size: int | None) -> tuple | None:
+    """Size plus the first and last 64 KiB: the same for every chunk of one object, different for others."""
+    import hashlib
+
+    where = handle.tell()  # ffmpeg reads on from here
+    try:
+        end = size if size is not None else handle.seek(0, io.SEEK_END)
+        head = _read_at(handle, 0, 65_536)
+        tail = _read_at(handle, max(0, end - 65_536), 65_536)
+        return end, hashlib.sha256(head + tail).hexdigest()
+    except (OSError, ValueError):
+        return None
+    finally:
+        handle.seek(where)
 
 
 def _samples(frame, channels: int) -> np.ndarray:

@@ -17,13 +17,17 @@ import pytest
 from audiopipe.flows.extract_features import featurize
 from audiopipe.infra.settings import RunSettings
 from audiopipe.infra.storage import StorageSpec, open_fs
+from audiopipe.tasks.audio_encode import write_encoded
 from audiopipe.tasks.audio_io import WHOLE_READ_MAX_BYTES
+from audiopipe.tasks.execute import PROBE_MIN_BYTES
 from audiopipe.tasks.features import FeatureConfig
 from audiopipe.tasks.shards import OutputLayout, read_manifest
-from audiopipe.tasks.synth import write_messy_archive
+from audiopipe.tasks.synth import tone, write_messy_archive
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 LONG_FILE_S = 1_100.0  # > WHOLE_READ_MAX_BYTES as 16-bit 16 kHz WAV: exercises streamed, chunked reads
+LONG_M4A_S = 360.0  # > PROBE_MIN_BYTES at 128 kbit/s: cut into chunks of segments
+ENCODED = ("m4a", "aac", "mp4", "opus", "webm", "wma")
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +35,13 @@ def messy(tmp_path_factory):
     root = tmp_path_factory.mktemp("messy")
     expected = write_messy_archive(root, seed=3, long_file_s=LONG_FILE_S)
     assert (root / "long/long_16k.wav").stat().st_size > WHOLE_READ_MAX_BYTES
-    return root, expected
+    # a long AAC file: probed and cut into chunks like the WAV, each chunk seeking inside the MP4
+    rng = np.random.default_rng(3)  # noise keeps the encoder at its bit rate
+    blocks = ((tone(300.0 + 100 * k, 60.0, 24000) + 0.05 * rng.standard_normal(60 * 24000))[:, None]
+              for k in range(int(LONG_M4A_S // 60)))
+    write_encoded(root / "long/long_24k.m4a", blocks, 24000, "m4a", bit_rate=128_000)
+    assert (root / "long/long_24k.m4a").stat().st_size > PROBE_MIN_BYTES
+    return root, expected | {"long/long_24k.m4a": "ok"}
 
 
 def settings_for(cluster, tmp_path: Path, **kw) -> RunSettings:
@@ -88,6 +98,19 @@ def test_messy_archive_on_s3_is_fully_accounted(messy, s3fs_client, bucket, dask
     assert reasons["bad/header_only.wav"].startswith("no audio")
     assert reasons["bad/not_audio.flac"].startswith("undecodable")
     assert reasons["bad/nan.wav"].startswith("invalid samples")
+    for fmt in ENCODED:  # each format libsndfile lacks (and Ogg Opus): cut in half, decoded, read at its rate
+        assert reasons[f"bad/truncated.{fmt}"].startswith("truncated: the "), reasons[f"bad/truncated.{fmt}"]
+        row = next(by_name[n] for n in by_name if n.startswith("formats/") and n.endswith(f".{fmt}"))
+        assert row["status"] == "ok" and row["n_segments"] == 1 and row["duration_s"] >= 1.0, row
+    assert reasons["bad/random.m4a"].startswith("undecodable")
+    assert reasons["bad/empty.webm"].startswith("empty")
+    m4a = by_name["formats/aac_44k_stereo.m4a"]
+    assert (m4a["sample_rate"], m4a["channels"], m4a["duration_s"]) == (44100, 2, 1.0)
+    long_m4a = by_name["long/long_24k.m4a"]
+    assert long_m4a["duration_s"] == pytest.approx(LONG_M4A_S, abs=0.1)
+    assert long_m4a["n_segments"] == int(np.ceil(long_m4a["duration_s"] / 30.0)) >= 12
+    segments = sorted(r["segment"] for r in rows if r["source"] == long_m4a["source"])
+    assert segments == list(range(long_m4a["n_segments"]))
 
 
 def test_rerun_writes_nothing_then_picks_up_new_and_changed(s3fs_client, bucket, dask_cluster, prefect_api,
@@ -202,7 +225,7 @@ def _hostile_local_archive(tmp_path: Path) -> tuple[Path, dict[str, tuple[str, s
         "dangling.wav": ("rejected", f"dangling symlink: target {tmp_path}/gone.wav does not exist"),
         "loop.wav": ("rejected", "symlink loop: "), "mounted": ("rejected", "symlink to a directory: "),
         "pipe.wav": ("rejected", "not a regular file: a FIFO"),
-        "real.m4a": ("rejected", "unsupported format: an MP4/M4A container"),
+        "real.m4a": ("rejected", "bad header: the MP4 box at byte 32 is not a valid box"),
         "array.wav": ("rejected", "too many channels: the header declares 1000"),
         "truncated.wav": ("rejected", "truncated: "),
         "loud.wav": ("rejected", "samples far outside [-1, 1]: peak 1e+18"),
