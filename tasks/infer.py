@@ -160,8 +160,9 @@ def loaded_model(spec: InferSpec, storage: StorageSpec) -> LoadedModel:
 
 
 def model_loads() -> dict[str, int]:
-    """How many times this process loaded each model (``name@version`` -> count); for tests and logs."""
-    return {f"{k[1]}@{k[2]}": n for k, n in _LOADS.items()}
+    """How many times this process loaded each model (``REGISTRY_URL:name@version`` -> count); for tests and
+    logs. Keyed by registry too: two registries' ``asr@1`` are different models."""
+    return {f"{k[0]}:{k[1]}@{k[2]}": n for k, n in _LOADS.items()}
 
 
 def _load(spec: InferSpec, storage: StorageSpec) -> LoadedModel:

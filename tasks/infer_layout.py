@@ -5,7 +5,7 @@ Layout (contract: ``docs/data-contracts.md``, "Inference results")::
     <task>/model=<name>/version=<v>/_model.json               the model version's card summary
     <task>/model=<name>/version=<v>/<table>/part-<shard>.parquet   result rows (TRANSCRIPTS_V1, ...)
     <task>/model=<name>/version=<v>/manifest/part-<shard>.parquet  MANIFEST_V1 rows: the commit record
-    transcribe/.../files/<recording path>.jsonl and .srt          per recording, written before the commit
+    transcribe/.../files/<recording path>.{jsonl,srt,vtt,txt}     per recording, written before the commit
     separate/.../audio/<recording path>/{speech,background}.flac  stems, written before the commit
 
 The commit protocol is featurize's: side files and data parts first, the manifest part last; ``reconcile``
@@ -89,6 +89,39 @@ def write_model_info(out_url: str, storage: StorageSpec, layout: ResultLayout, i
     if not fs.exists(path):
         body = {"contract_version": CONTRACT_VERSION, **info}
         write_bytes_atomic(fs, path, json.dumps(body, indent=2, sort_keys=True).encode())
+
+
+# ---- per-recording transcript files ---------------------------------------------------------------------
+
+def _vtt_time(seconds: float) -> str:
+    ms = max(0, int(round(seconds * 1000)))
+    h, rest = divmod(ms, 3_600_000)
+    m, rest = divmod(rest, 60_000)
+    return f"{h:02d}:{m:02d}:{rest // 1000:02d}.{rest % 1000:03d}"
+
+
+def to_vtt(segments) -> str:
+    """WebVTT captions: a header, then one numbered cue per segment (``&``, ``<`` and ``>`` escaped, as
+    cue text is markup)."""
+    cues = []
+    for i, s in enumerate(segments, start=1):
+        text = s.text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        cues.append(f"{i}\n{_vtt_time(s.start_s)} --> {_vtt_time(s.end_s)}\n{text}\n")
+    return "\n".join(["WEBVTT\n", *cues])
+
+
+def to_text(segments) -> str:
+    """The plain transcript: one line per segment, no times."""
+    return "".join(s.text + "\n" for s in segments)
+
+
+def transcript_files(segments, *, source: str, model: str) -> dict[str, bytes]:
+    """The files written beside a recording's transcript rows, by suffix: ``.jsonl`` (segments with words,
+    times and confidences), ``.srt`` and ``.vtt`` (subtitles), ``.txt`` (the text alone). UTF-8."""
+    from audiopipe.models.ctc_align import to_jsonl, to_srt
+
+    return {".jsonl": to_jsonl(segments, source=source, model=model).encode(), ".srt": to_srt(segments).encode(),
+            ".vtt": to_vtt(segments).encode(), ".txt": to_text(segments).encode()}
 
 
 # ---- tables -------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from audiopipe.tasks.execute import (_SUSPECT_LOCK, CRASH_CATEGORY, PROBE_MIN_BY
 from audiopipe.tasks.extract import Rejection, SourceFile, us_to_datetime
 from audiopipe.tasks.infer import InferItem, InferOutput, InferSpec, infer_item
 from audiopipe.tasks.infer_layout import (ResultLayout, class_rows, relative_source, stem_rows, table_of,
-                                          transcript_rows)
+                                          transcript_files, transcript_rows)
 from audiopipe.tasks.progress import ProgressEvent, report
 from audiopipe.tasks.shards import ShardPlan, commit_intent, manifest_table, now_utc, write_table_atomic
 
@@ -255,14 +255,13 @@ def _results_of(state: _State, spec: InferSpec, fs, layout: ResultLayout, rows: 
     """Add the recording's result rows to ``rows`` (and write its side files); returns its segment count."""
     url, tag, version = state.source.url, spec.model_tag, spec.model_version
     if spec.task == "transcribe":
-        from audiopipe.models.ctc_align import segments_from_words, to_jsonl, to_srt
+        from audiopipe.models.ctc_align import segments_from_words
 
         words = state.words if state.words is not None else [w for o in state.outputs for w in o.words or ()]
         segments = segments_from_words(words)
         rel = relative_source(spec.in_url, url)
-        write_bytes_atomic(fs, layout.side_file("files", rel, ".jsonl"),
-                           to_jsonl(segments, source=url, model=tag).encode())
-        write_bytes_atomic(fs, layout.side_file("files", rel, ".srt"), to_srt(segments).encode())
+        for suffix, data in transcript_files(segments, source=url, model=tag).items():
+            write_bytes_atomic(fs, layout.side_file("files", rel, suffix), data)
         rows.setdefault("transcripts", []).extend(transcript_rows(url, segments, tag, version))
         return len(segments)
     if spec.task == "classify":
