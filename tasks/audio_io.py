@@ -19,7 +19,7 @@ import soundfile as sf
 import soxr
 
 from audiopipe.infra.errors import BadAudioError, TransientStorageError
-from audiopipe.tasks import audio_av
+from audiopipe.tasks import audio_av, audio_containers
 
 # Names discovery lists. Only a filter: every listed file is decoded by its content, whatever its extension
 # says (a WAV named .m4a is read as WAV). libsndfile decodes what it can; MP4/M4A, raw AAC, WebM/Matroska and
@@ -156,7 +156,7 @@ def probe(handle: io.IOBase, size: int | None = None):
     try:
         _check_header(snd, info)
         # libsndfile reads a cut-off Ogg file as a shorter one; PyAV reports what the container's framing says
-        damage = audio_av.container_damage(handle, "OGG", size) if info.format == "OGG" else snd_damage(snd)
+        damage = audio_containers.container_damage(handle, "OGG", size) if info.format == "OGG" else snd_damage(snd)
         _raise_if_storage(handle, "opening")
         if damage:
             raise BadAudioError(damage)
@@ -180,7 +180,7 @@ def _open_other(handle: io.IOBase, decoder_says: str, size: int | None):
     _raise_if_storage(handle, "opening")
     container = audio_av.sniff_container(head)
     if container is None:
-        cut = audio_av.container_damage(handle, "OGG", size) if head.startswith(b"OggS") else None
+        cut = audio_containers.container_damage(handle, "OGG", size) if head.startswith(b"OggS") else None
         _raise_if_storage(handle, "opening")
         raise BadAudioError(cut or f"undecodable: {decoder_says}")
     try:
