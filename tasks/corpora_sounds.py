@@ -15,7 +15,8 @@ import numpy as np
 from scipy import signal
 
 from audiopipe.tasks import synth
-from audiopipe.tasks.corpora_voices import SAMPLE_RATE_HZ, scale_to_snr
+from audiopipe.tasks.augment import scale_to_snr
+from audiopipe.tasks.corpora_voices import SAMPLE_RATE_HZ
 
 SR = SAMPLE_RATE_HZ
 SoundFn = Callable[[float, np.random.Generator], tuple[np.ndarray, dict[str, Any]]]
