@@ -17,6 +17,7 @@ nothing to retry per shard that Dask does not already retry.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,6 +27,7 @@ from audiopipe.infra.errors import ConfigError
 from audiopipe.infra.settings import RunSettings
 from audiopipe.infra.storage import StorageSpec, merged_storage_spec, split_protocol
 from audiopipe.tasks.corpora import CORPUS_WRITERS, LabelRow, labels_table, save_labels, write_and_upload
+from audiopipe.tasks.corpora_real import REAL_PACKAGES, RealPool, fetch_package, load_pool, package_by_name
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +53,32 @@ def items_for_hours(kind: str, hours: float) -> int:
     return max(1, round(hours * 3600 / MEAN_ITEM_SECONDS[kind]))
 
 
+def real_cache_dir(cache: str | None = None) -> Path:
+    """Where fetched Debian packages are kept: ``cache``, else ``$AUDIOPIPE_CACHE/debian-audio``, else
+    ``~/.cache/audiopipe/debian-audio``. Outside the repository, so nothing fetched lands in git."""
+    if cache:
+        return Path(cache).expanduser()
+    root = os.environ.get("AUDIOPIPE_CACHE") or Path.home() / ".cache" / "audiopipe"
+    return Path(root).expanduser() / "debian-audio"
+
+
+def prepare_real(cache: str | None = None, packages: tuple[str, ...] = ()) -> RealPool:
+    """Fetch the real-audio packages not yet in the cache (``apt-get download``, once; a set-up step, never
+    run by a pipeline) and index them. ``packages`` limits the set (default: every ``REAL_PACKAGES``).
+
+    Raises:
+        ConfigError: apt unavailable or failing, or an unknown or asterisk-* package name.
+    """
+    chosen = tuple(package_by_name(p) for p in packages) if packages else REAL_PACKAGES
+    cache_dir = real_cache_dir(cache)
+    for pkg in chosen:
+        fetch_package(pkg, cache_dir)
+    return load_pool(cache_dir, chosen)
+
+
 def synth(kind: str, out_url: str, n: int, seed: int, storage_options: dict[str, Any] | None = None, *,
-          workers: int = 2, dask_address: str | None = None, chunk_items: int = CHUNK_ITEMS) -> dict:
+          workers: int = 2, dask_address: str | None = None, chunk_items: int = CHUNK_ITEMS,
+          real: bool = False, real_cache: str | None = None) -> dict:
     """Synthesize ``n`` items of corpus ``kind`` and publish them with their labels under ``out_url``.
 
     One kind per ``out_url``: a second run on the same URL replaces ``labels/labels.parquet``. Same
@@ -67,6 +93,8 @@ def synth(kind: str, out_url: str, n: int, seed: int, storage_options: dict[str,
         workers: Dask worker processes of the local cluster (speech).
         dask_address: An existing Dask scheduler instead of a local cluster.
         chunk_items: At most this many utterances per Dask task (fewer when that leaves a worker idle).
+        real: sounds only: add real recordings from Debian packages (``prepare_real``, ``corpora_real``).
+        real_cache: Where ``real`` keeps the fetched packages (``real_cache_dir``).
 
     Returns:
         ``{"kind", "labels_url", "num_rows", "num_files", "audio_hours", "seconds", "splits": {split: rows},
@@ -85,8 +113,11 @@ def synth(kind: str, out_url: str, n: int, seed: int, storage_options: dict[str,
         raise ConfigError(f"--seed must be a non-negative integer, got {seed}")
     if workers < 1 or chunk_items < 1:
         raise ConfigError(f"--workers and chunk_items must be at least 1, got {workers} and {chunk_items}")
+    if real and kind != "sounds":
+        raise ConfigError(f"--real adds real recordings to the sounds corpus only, not to {kind}")
     storage = merged_storage_spec(storage_options)
     started = time.monotonic()
+    options = {"real": prepare_real(real_cache)} if real else {}
     # at most chunk_items per task, and at least two tasks per worker, so a small corpus still keeps every
     # worker busy to the end (120 utterances: 4 x 30, not 100 + 20)
     size = max(1, min(chunk_items, -(-n // (2 * workers))))
@@ -94,7 +125,7 @@ def synth(kind: str, out_url: str, n: int, seed: int, storage_options: dict[str,
     if kind in PARALLEL_KINDS and n > chunk_items and split_protocol(out_url) != "memory":
         rows, num_files = _on_dask(kind, out_url, storage, ranges, seed, workers, dask_address)
     else:
-        rows, num_files = write_and_upload(kind, out_url, storage, start=0, stop=n, seed=seed)
+        rows, num_files = write_and_upload(kind, out_url, storage, start=0, stop=n, seed=seed, options=options)
         ranges = [(0, n)]
     table = labels_table(rows)
     labels_url = save_labels(table, out_url, storage)

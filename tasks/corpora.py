@@ -40,6 +40,7 @@ from audiopipe.infra.schemas import LABELS_KINDS, LABELS_MEDIA, LABELS_SPLITS, L
 from audiopipe.infra.storage import StorageSpec, describe_storage_error, join, open_fs, to_url, write_bytes_atomic
 from audiopipe.tasks.corpora_music import (TRANSPOSE_SEMITONES, chorale_paths, load_chorale, melody_tokens,
                                            render_midi, save_midi, work_split)
+from audiopipe.tasks.corpora_real import COARSE_LABELS, REAL_SLOTS, RealPool, real_clip
 from audiopipe.tasks.corpora_sounds import SOUND_CLASSES, fit_length, mix_at_snr, sound_clip
 from audiopipe.tasks.augment import augment_speech
 from audiopipe.tasks.corpora_text import make_sentence
@@ -158,22 +159,32 @@ def write_speech(out_dir: Path, *, n: int, seed: int, start: int = 0, clean_frac
     return rows
 
 
-def write_sounds(out_dir: Path, *, n: int, seed: int) -> list[LabelRow]:
+def write_sounds(out_dir: Path, *, n: int, seed: int, real: RealPool | None = None) -> list[LabelRow]:
     """Write ``n`` clips of 1-3 s, ``audio/sounds/<split>/<class>-<i>.wav``, classes in turn
     (``SOUND_CLASS_NAMES``: speech, music, noise, alarm, silence, rain, engine, clapping).
+
+    With ``real`` (fetched Debian packages, ``corpora_real``) the cycle also holds ``REAL_SLOTS``: real music
+    and real sound effects and environmental sounds, cut from the tracks of the item's split (held-out
+    packages only in test), ``engine`` ``debian:<package>``, and the labels are the four classes of
+    ``COARSE_LABELS`` (speech, music, sound, silence; the fine class in ``params["class"]``).
 
     Returns:
         One row per file, ``label`` the class; speech clips also carry ``voice`` (their text is cut, so
         ``text`` is null and the sentence is in ``params``).
     """
+    slots = SOUND_CLASS_NAMES + (REAL_SLOTS if real is not None else ())
     rows = []
     for i in range(n):
-        name, rng = SOUND_CLASS_NAMES[i % len(SOUND_CLASS_NAMES)], item_rng(seed, "sounds", i)
-        split = split_for(i // len(SOUND_CLASS_NAMES))  # every class gets the same split proportions
+        name, rng = slots[i % len(slots)], item_rng(seed, "sounds", i)
+        split = split_for(i // len(slots))  # every class gets the same split proportions
         duration_s = round(float(rng.uniform(1.0, 3.0)), 2)
-        voice, engine = None, "numpy"
-        if name == "speech":
-            voice = choose_voice(split, i // len(SOUND_CLASS_NAMES), rng)
+        voice, engine, stem = None, "numpy", name
+        if name.startswith("real-"):
+            name = name.removeprefix("real-")
+            x, params = real_clip(real, name, split, duration_s, rng)
+            engine, stem = f"debian:{params['package']}", f"{name}-real"
+        elif name == "speech":
+            voice = choose_voice(split, i // len(slots), rng)
             sentence, engine = _sentence(split, rng), voice.split(":")[0]
             x, params = speak_voice(sentence, voice, rng=rng)
             peak = float(rng.uniform(0.1, 0.9))
@@ -181,8 +192,10 @@ def write_sounds(out_dir: Path, *, n: int, seed: int) -> list[LabelRow]:
             params |= {"sentence": sentence, "peak": round(peak, 3)}
         else:
             x, params = sound_clip(name, duration_s, rng)
-        rel = f"audio/sounds/{split}/{name}-{i:06d}.wav"
-        rows.append(LabelRow(source=rel, kind="sounds", split=split, engine=engine, seed=seed, label=name,
+        label = COARSE_LABELS[name] if real is not None else name
+        params |= {"class": name} if label != name else {}
+        rel = f"audio/sounds/{split}/{stem}-{i:06d}.wav"
+        rows.append(LabelRow(source=rel, kind="sounds", split=split, engine=engine, seed=seed, label=label,
                              voice=voice, duration_s=save_wav(out_dir, rel, x), sample_rate=SAMPLE_RATE_HZ,
                              params=json.dumps(params, sort_keys=True)))
     return rows
