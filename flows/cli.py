@@ -207,6 +207,10 @@ def synth(
     hours: Annotated[float | None, typer.Option(help="Instead of --n: about this many hours of audio (items from each kind's mean length).")] = None,
     seed: Annotated[int, typer.Option(help="Seed: the same seed makes the same corpus.")] = 0,
     storage_options: Annotated[str | None, typer.Option(help="fsspec/s3fs options as JSON.")] = None,
+    real: Annotated[bool, typer.Option(help="sounds: add real music and sounds from Debian game/media packages "
+                                            "(fetched once with apt-get download; see docs/corpora.md).")] = False,
+    real_cache: Annotated[str | None, typer.Option(help="Where --real keeps the fetched packages "
+                                                        "[default: $AUDIOPIPE_CACHE/debian-audio or ~/.cache/audiopipe/debian-audio].")] = None,
     workers: Annotated[int, typer.Option(help="speech: Dask worker processes synthesizing in parallel.")] = 2,
     dask_address: Annotated[str | None, typer.Option(help="speech: an existing Dask scheduler instead of a local cluster.")] = None,
 ) -> None:
@@ -219,7 +223,8 @@ def synth(
             raise ConfigError("give --n or --hours, not both.")
         count = items_for_hours(kind, hours) if hours is not None else (200 if n is None else n)
         options = cli_storage_options(storage_options)
-        result = run_synth(kind, out_url, count, seed, options, workers=workers, dask_address=dask_address)
+        result = run_synth(kind, out_url, count, seed, options, real=real, real_cache=real_cache,
+                           workers=workers, dask_address=dask_address)
     except AudiopipeError as exc:
         fail(str(exc))
     table = Table(title=f"synth {kind}", show_header=False)
