@@ -1,7 +1,9 @@
 """The ``audiopipe`` command line (typer + rich). Thin: parse, check, call a flow, show the result.
 
-User errors (``AudiopipeError``) print one paragraph that says what to fix and exit 2, with no traceback.
-Prefect is imported only after its environment defaults are set (telemetry off, a local home).
+User errors (``AudiopipeError``) print one paragraph that says what to fix and exit 2, with no traceback; a
+run with failed shards exits 1 and an unreachable store 75 (``flows/outcome_cli.py``). Bulk commands and
+``train``/``evaluate`` take ``--json``: their summary as one JSON object on stdout. Prefect is imported only
+after its environment defaults are set (telemetry off, a local home).
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.panel import Panel
 from rich.table import Table
 
 from audiopipe.flows.models_cli import models_app
+from audiopipe.flows.outcome_cli import (EXIT_USER_ERROR, JSON_HELP, AudiopipeTyper, exit_code_for, run_command,
+                                        show_error)
 from audiopipe.infra.errors import AudiopipeError, ConfigError
 from audiopipe.infra.settings import RunSettings, apply_prefect_defaults, run_settings
 
-app = typer.Typer(help="audiopipe: audio archives in object storage -> features -> LSTM models -> results.",
+app = AudiopipeTyper(help="audiopipe: audio archives in object storage -> features -> LSTM models -> results.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 store_app = typer.Typer(help="Run a local SeaweedFS S3 server (for the demo, tests and local clusters).",
                         no_args_is_help=True)
@@ -35,9 +38,9 @@ _RUN_KEYS = {"files_per_shard", "workers", "dask_address", "worker_memory_limit"
 _OTHER_KEYS = {"storage_options", "report", "retry_rejected"}
 
 
-def fail(message: str, code: int = 2) -> None:
-    """Print a user error as one paragraph and exit."""
-    console.print(Panel(message, title="audiopipe: error", border_style="red", expand=False))
+def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
+    """Print an error as one paragraph and exit with ``code`` (a user error by default)."""
+    show_error(message, code)
     raise typer.Exit(code)
 
 
@@ -139,6 +142,7 @@ def featurize(
     report: Annotated[Path | None, typer.Option(help="Write an HTML report with example spectrograms to this folder.")] = None,
     retry_rejected: Annotated[bool, typer.Option(help="Process previously rejected files again.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Extract log-mel or MFCC features from every audio file under IN_URL into Parquet shards under OUT_URL.
 
@@ -147,11 +151,7 @@ def featurize(
     """
     given = {k: v for k, v in locals().items() if v is not None and k in _FEATURE_KEYS | _RUN_KEYS | _OTHER_KEYS}
     exit_promptly_on_interrupt()
-    try:
-        summary = _featurize(in_url, out_url, given, config, progress)
-    except AudiopipeError as exc:
-        fail(str(exc))
-    _print_summary(summary)
+    run_command(lambda: _featurize(in_url, out_url, given, config, progress), _print_summary, as_json=as_json)
 
 
 def _featurize(in_url: str, out_url: str, given: dict[str, Any], config: Path | None, progress: bool) -> dict:
@@ -226,7 +226,7 @@ def synth(
         result = run_synth(kind, out_url, count, seed, options, real=real, real_cache=real_cache,
                            workers=workers, dask_address=dask_address)
     except AudiopipeError as exc:
-        fail(str(exc))
+        fail(str(exc), exit_code_for(exc))
     table = Table(title=f"synth {kind}", show_header=False)
     for key, value in result.items():
         table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
@@ -253,14 +253,18 @@ def train(
     dask_address: Annotated[str | None, typer.Option(help="Existing Dask scheduler; a 1-worker local cluster otherwise.")] = None,
     storage_options: Annotated[str | None, typer.Option(help="fsspec/s3fs options as JSON.")] = None,
     lm_text: Annotated[str | None, typer.Option(help="asr: text file (a sentence per line) to fit the character LM that ships with the model on (default: the training transcripts).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Train an LSTM model on feature shards and labels, on a Dask worker, and register it with its metrics.
 
     Rerunning the same command resumes from the last epoch checkpoint of a killed run.
     """
     exit_promptly_on_interrupt()
-    try:
+
+    def body() -> dict:
+        nonlocal config_hash
         from audiopipe.infra.storage import merged_storage_spec
+
 
         options = cli_storage_options(storage_options)
         address = {"dask_address": dask_address} if dask_address else {}  # else AUDIOPIPE_DASK_ADDRESS applies
@@ -285,9 +289,12 @@ def train(
                          epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                          lr_schedule=lr_schedule, init_from=init_from, require_gpu=gpu, model_name=name,
                          model_overrides=json_object(model_config, "--model-config") or {}, work_dir=str(settings.work_dir))
-        result = train_model_flow(spec, settings, options)
-    except AudiopipeError as exc:
-        fail(str(exc))
+        return train_model_flow(spec, settings, options)
+
+    run_command(body, _print_trained, as_json=as_json)
+
+
+def _print_trained(result: dict) -> None:
     table = Table(title=f"trained {result['model_ref']} on {result['device']}", show_header=False)
     for key, value in result["metrics"].items():
         table.add_row(key, f"{value:.4g}")
@@ -310,6 +317,7 @@ def evaluate(
     insertion_bonus: Annotated[float, typer.Option(help="ASR beam search: bonus per character (offsets the LM's pull to short output).")] = 1.5,
     lexicon: Annotated[str | None, typer.Option(help="ASR beam search: word list (words per line); output words must be in it.")] = None,
     storage_options: Annotated[str | None, typer.Option(help="fsspec/s3fs options as JSON.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Recompute a registered model's metrics on any labelled set.
 
@@ -319,7 +327,7 @@ def evaluate(
     from audiopipe.infra.storage import merged_storage_spec
     from audiopipe.tasks.evaluation import beam_decoder, evaluate_registered
 
-    try:
+    def body() -> dict:
         options = cli_storage_options(storage_options)
         storage = merged_storage_spec(options)
         if beam_width < 0 or ((lm_text or lexicon) and not beam_width):
@@ -328,15 +336,18 @@ def evaluate(
                                lm_weight=lm_weight, insertion_bonus=insertion_bonus,
                                lexicon_url=lexicon) if beam_width else None
         result = evaluate_registered(model_ref, data, labels, storage, split=split, decoder=decoder)
-    except AudiopipeError as exc:
-        fail(str(exc))
-    title = f"{result['model']} on {split}" + (f" ({decoder.describe()})" if decoder else "")
-    table = Table(title=title, show_header=False)
-    for key, value in result["metrics"].items():
-        table.add_row(key, f"{value:.4g}")
-    Console().print(table)
-    for ref, hyp in result["transcripts"][:show]:
-        Console().print(f"[dim]ref[/dim] {ref}\n[{'green' if ref == hyp else 'yellow'}]hyp[/] {hyp}", markup=True)
+        return {**result, "split": split, "decoder": decoder.describe() if decoder else None}
+
+    def print_scores(result: dict) -> None:
+        title = f"{result['model']} on {split}" + (f" ({result['decoder']})" if result["decoder"] else "")
+        table = Table(title=title, show_header=False)
+        for key, value in result["metrics"].items():
+            table.add_row(key, f"{value:.4g}")
+        Console().print(table)
+        for ref, hyp in result["transcripts"][:show]:
+            Console().print(f"[dim]ref[/dim] {ref}\n[{'green' if ref == hyp else 'yellow'}]hyp[/] {hyp}", markup=True)
+
+    run_command(body, print_scores, as_json=as_json)
 
 
 generate_app = typer.Typer(help="Generate content with a registered model.", no_args_is_help=True)
@@ -362,7 +373,7 @@ def generate_music_cmd(
         result = generate_music(model_ref, out_url, length=length, temperature=temperature, seed=seed,
                                 registry_url=registry, storage_options=options)
     except AudiopipeError as exc:
-        fail(str(exc))
+        fail(str(exc), exit_code_for(exc))
     table = Table(title=f"generated {result['num_notes']} notes from {result['model_ref']}", show_header=False)
     table.add_row("midi", result["midi_url"])
     table.add_row("wav", result["wav_url"] or "not rendered (fluidsynth or FluidR3_GM missing)")
@@ -384,7 +395,7 @@ def store_up(
     try:
         pid = SeaweedStore(root, port).up(access_key=key, secret_key=secret)
     except AudiopipeError as exc:
-        fail(str(exc))
+        fail(str(exc), exit_code_for(exc))
     console.print(f"SeaweedFS S3 is up at http://127.0.0.1:{port} (pid {pid}, data in {root}).\n"
                   f"Use it with: export AWS_ENDPOINT_URL=http://127.0.0.1:{port}")
 

@@ -21,7 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from audiopipe.flows.safe_flow import safe_flow
 from audiopipe.flows.shard_pool import shard_futures
 from audiopipe.infra.credentials import refuse_credentials
-from audiopipe.infra.errors import StorageError
+from audiopipe.infra.errors import ShardsFailedError, StorageError
 from audiopipe.infra.runners import dask_client, num_workers
 from audiopipe.infra.settings import RunSettings, run_settings
 from audiopipe.infra.storage import StorageSpec, merged_storage_spec, open_fs
@@ -135,9 +135,9 @@ def extract_features(in_url: str, out_url: str, feature_config: FeatureConfig | 
         path = write_report(fs, layout, cfg, summary, Path(report_dir))
         logger.info("report written to %s", path)
     if failures:
-        raise StorageError(f"{len(failures)} of {len(plan.shards)} shards could not be committed after retries "
-                           f"(first: {failures[0]}). Committed shards are kept: run the same command again "
-                           "to finish the rest.")
+        raise ShardsFailedError(f"{len(failures)} of {len(plan.shards)} shards could not be committed after retries "
+                                f"(first: {failures[0]}). Committed shards are kept: run the same command again "
+                                "to finish the rest.", summary.to_dict())
     return summary.to_dict()
 
 

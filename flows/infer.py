@@ -24,7 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from audiopipe.flows.safe_flow import safe_flow
 from audiopipe.flows.shard_pool import shard_futures
 from audiopipe.infra.credentials import refuse_credentials
-from audiopipe.infra.errors import ConfigError, StorageError
+from audiopipe.infra.errors import ConfigError, ShardsFailedError, StorageError
 from audiopipe.infra.runners import dask_client, gpu_workers, num_workers
 from audiopipe.infra.settings import RunSettings
 from audiopipe.infra.storage import StorageSpec, merged_storage_spec, open_fs
@@ -242,8 +242,9 @@ def bulk_inference(task_name: str, in_url: str, out_url: str, model: str, *, rep
     create_markdown_artifact(key=f"{task_name}-summary", markdown=summary.to_markdown(),
                              description=f"{task_name} {in_url} -> {out_url}")
     if failures:
-        raise StorageError(f"{len(failures)} of {len(plan.shards)} shards could not be committed after retries "
-                           f"(first: {failures[0]}). Committed shards are kept: run the same command again.")
+        raise ShardsFailedError(f"{len(failures)} of {len(plan.shards)} shards could not be committed after retries "
+                                f"(first: {failures[0]}). Committed shards are kept: run the same command again.",
+                                summary.to_dict())
     return summary.to_dict()
 
 

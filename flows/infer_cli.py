@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from audiopipe.infra.errors import AudiopipeError
+from audiopipe.flows.outcome_cli import JSON_HELP, run_command
 from audiopipe.infra.settings import apply_prefect_defaults, run_settings
 
 MODEL_HELP = ("REGISTRY_URL:NAME@ALIAS|VERSION of the model, e.g. s3://models:asr@champion; append "
@@ -24,6 +24,7 @@ PerShard = Annotated[int | None, typer.Option(help="Recordings per shard (one Pr
 Options = Annotated[str | None, typer.Option(help="fsspec/s3fs options as JSON; AWS_* variables are read too.")]
 Gpu = Annotated[bool, typer.Option(help="Run on Dask workers that advertise GPU=1 (fails if none).")]
 Progress = Annotated[bool, typer.Option(help="Show a progress bar.")]
+Json = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 
 
 
@@ -67,15 +68,12 @@ def print_summary(summary: dict) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add the three inference commands to ``app``."""
-    from audiopipe.flows.cli import exit_promptly_on_interrupt, fail
+    from audiopipe.flows.cli import exit_promptly_on_interrupt
 
-    def _run(task_name: str, in_url: str, out_url: str, model: str, common: dict, **kwargs) -> None:
+    def _run(task_name: str, in_url: str, out_url: str, model: str, common: dict, as_json: bool, **kwargs) -> None:
         exit_promptly_on_interrupt()
-        try:
-            summary = run(task_name, in_url, out_url, model, **common, **kwargs)
-        except AudiopipeError as exc:
-            fail(str(exc))
-        print_summary(summary)
+        run_command(lambda: run(task_name, in_url, out_url, model, **common, **kwargs), print_summary,
+                    as_json=as_json)
 
     @app.command()
     def transcribe(in_url: In, out_url: Out, model: Model, reprocess: Reprocess = False, workers: Workers = None,
@@ -85,34 +83,35 @@ def register(app: typer.Typer) -> None:
                    beam_width: Annotated[int | None, typer.Option(help="CTC prefix beam search width; 1 = greedy. (default: the model card's, 8 with the character LM stored with the model; greedy for a model stored without one)")] = None,
                    lm_weight: Annotated[float | None, typer.Option(help="Weight of the character LM's log-probability. (default: the card's, chosen on validation at training)")] = None,
                    insertion_bonus: Annotated[float | None, typer.Option(help="Score bonus per character, offsets the LM's pull to short output. (default: the card's)")] = None,
-                   gpu: Gpu = False, progress: Progress = True) -> None:
+                   channels: Annotated[str, typer.Option(help="mix: channels mixed down to one transcript; split: each channel (e.g. agent and caller of a call) transcribed on its own, rows get a channel and files a [chN] label. (default: mix)")] = "mix",
+                   gpu: Gpu = False, progress: Progress = True, as_json: Json = False) -> None:
         """Transcribe every recording under IN_URL that this model version has not transcribed yet.
 
-        Writes a Parquet table of timed segments and, per recording, .jsonl and .srt files. Decodes with CTC
+        Writes a Parquet table of timed segments and, per recording, .jsonl, .srt, .vtt and .txt files. Decodes with CTC
         prefix beam search and the character LM stored with the model (--beam-width 1: greedy). Incremental
         and exactly-once per model version: rerun at any time; --reprocess redoes everything.
         """
         _run("transcribe", in_url, out_url, model, dict(reprocess=reprocess, workers=workers, dask_address=dask_address,
-             files_per_shard=files_per_shard, storage_options=storage_options, progress=progress),
+             files_per_shard=files_per_shard, storage_options=storage_options, progress=progress), as_json,
              window_s=window_s, batch_size=batch_size, gpu=gpu, beam_width=beam_width, lm_weight=lm_weight,
-             insertion_bonus=insertion_bonus)
+             insertion_bonus=insertion_bonus, channels=channels)
 
     @app.command()
     def classify(in_url: In, out_url: Out, model: Model, reprocess: Reprocess = False, workers: Workers = None,
                  dask_address: Address = None, files_per_shard: PerShard = None, storage_options: Options = None,
                  batch_size: Annotated[int, typer.Option(help="Segments per model call.")] = 32,
-                 gpu: Gpu = False, progress: Progress = True) -> None:
+                 gpu: Gpu = False, progress: Progress = True, as_json: Json = False) -> None:
         """Class probabilities per segment and per recording, for every recording not yet classified."""
         _run("classify", in_url, out_url, model, dict(reprocess=reprocess, workers=workers, dask_address=dask_address,
-             files_per_shard=files_per_shard, storage_options=storage_options, progress=progress),
+             files_per_shard=files_per_shard, storage_options=storage_options, progress=progress), as_json,
              batch_size=batch_size, gpu=gpu)
 
     @app.command()
     def separate(in_url: In, out_url: Out, model: Model, reprocess: Reprocess = False, workers: Workers = None,
                  dask_address: Address = None, files_per_shard: PerShard = None, storage_options: Options = None,
                  window_s: Annotated[float | None, typer.Option(help="Window length, s (plus 0.5 s of context each side). (default: 20)")] = None,
-                 gpu: Gpu = False, progress: Progress = True) -> None:
+                 gpu: Gpu = False, progress: Progress = True, as_json: Json = False) -> None:
         """Speech and background stems (FLAC) for every recording not yet separated by this model version."""
         _run("separate", in_url, out_url, model, dict(reprocess=reprocess, workers=workers, dask_address=dask_address,
-             files_per_shard=files_per_shard, storage_options=storage_options, progress=progress),
+             files_per_shard=files_per_shard, storage_options=storage_options, progress=progress), as_json,
              window_s=window_s, gpu=gpu)

@@ -2,7 +2,8 @@
 
 Thin: parse the ref, open the ``Registry`` (``models/registry.py``), print rich tables to stdout. The
 registry URL comes from the ref (``REGISTRY_URL:NAME@VERSION``), ``--registry`` or ``$AUDIOPIPE_REGISTRY``.
-User errors (``AudiopipeError``) print one paragraph saying what to fix and exit 2, as the main CLI does.
+User errors (``AudiopipeError``) print one paragraph saying what to fix and exit 2 (75 when the store is
+unreachable), as the main CLI does.
 Nothing here imports Keras, so these commands start fast.
 """
 
@@ -12,12 +13,14 @@ import json
 from typing import Annotated, NoReturn
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from audiopipe.flows.outcome_cli import exit_code_for
 from audiopipe.infra.errors import AudiopipeError, ConfigError
 from audiopipe.infra.storage import storage_spec_from_env
 from audiopipe.models.cards import PIN_PREFIX
@@ -41,7 +44,8 @@ ReasonOption = Annotated[str, typer.Option(help="Why; recorded in the alias hist
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    """Print a user error as one paragraph and exit (the same panel as ``flows/cli.py``)."""
+    """Print an error as one paragraph and exit with ``code`` (2, a user error; 75, an unreachable store:
+    ``flows/outcome_cli.py``), in the same panel as ``flows/cli.py``."""
     err.print(Panel(Text(message), title="audiopipe: error", border_style="red", expand=False))
     raise typer.Exit(code)
 
@@ -69,18 +73,9 @@ def list_models(
         if not registry_url:
             raise ConfigError(f"no registry given: pass REGISTRY_URL or set {REGISTRY_ENV}.")
         reg = Registry(registry_url, storage_spec_from_env(storage_options))
-        table = Table(title=f"models in {escape(reg.url)}")
-        for col in ("model", "version", "family", "created", "aliases", "test metrics", "sha256"):
-            table.add_column(col, no_wrap=col in ("model", "version", "sha256"))
-        for name in reg.list_models():
-            by_version = _aliases_by_version(reg.aliases(name))
-            for version in reg.list_versions(name):
-                card = reg.get_card(f"{name}@{version}")
-                table.add_row(escape(name), str(version), card.model_family, card.created_at[:19],
-                              escape(by_version.get(version, "")), escape(_metrics(card.metrics)),
-                              card.model_sha256[:12])
+        table = _list_table(reg)
     except AudiopipeError as exc:
-        fail(str(exc))
+        fail(str(exc), exit_code_for(exc))
     out.print(table if table.row_count else f"No models in {escape(reg.url)}.")
 
 
@@ -101,7 +96,7 @@ def show(
         card = reg.get_card(parsed if parsed.selector else ParsedRef(None, parsed.name, "latest"))
         aliases = _aliases_by_version(reg.aliases(parsed.name)).get(card.version, "")
     except AudiopipeError as exc:
-        fail(str(exc))
+        fail(str(exc), exit_code_for(exc))
     if as_json:
         typer.echo(json.dumps(card.to_dict(), indent=2, sort_keys=True))
         return
@@ -127,7 +122,7 @@ def promote(
         before = reg.aliases(parsed.name).get(alias)
         target = reg.promote(parsed.name, parsed.selector, alias=alias, reason=reason)
     except AudiopipeError as exc:
-        fail(str(exc))
+        fail(str(exc), exit_code_for(exc))
     if before == target.version:
         out.print(f"{escape(parsed.name)}@{escape(alias)} already is version {target.version}; nothing changed.")
     else:
@@ -152,9 +147,26 @@ def rollback(
         before = reg.aliases(parsed.name).get(alias)
         target = reg.rollback(parsed.name, alias=alias, reason=reason)
     except AudiopipeError as exc:
-        fail(str(exc))
+        fail(str(exc), exit_code_for(exc))
     out.print(f"{escape(parsed.name)}@{escape(alias)}: {before} -> {target.version} (rolled back)  "
               f"({escape(str(target))})")
+
+
+def _list_table(reg: Registry) -> Table:
+    """Every version, laid out for an 80-column terminal: ``NAME@VERSION``, the date only (``show`` has
+    the time), one metric per line, 8 hex digits of the checksum; long names and aliases wrap (``fold``)
+    rather than being cut, so no cell ever ends in an ellipsis."""
+    table = Table(title=f"models in {escape(reg.url)}", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("model", "family", "created", "aliases", "test metrics", "sha256"):
+        table.add_column(col, overflow="fold", no_wrap=col in ("created", "sha256"))
+    for name in reg.list_models():
+        by_version = _aliases_by_version(reg.aliases(name))
+        for version in reg.list_versions(name):
+            card = reg.get_card(f"{name}@{version}")
+            table.add_row(escape(f"{name}@{version}"), card.model_family, card.created_at[:10],
+                          escape(by_version.get(version, "").replace(", ", "\n")),
+                          escape(_metrics(card.metrics, sep="\n")), card.model_sha256[:8])
+    return table
 
 
 def _show_model(reg: Registry, name: str) -> None:
@@ -228,12 +240,12 @@ def _aliases_by_version(aliases: dict[str, int]) -> dict[int, str]:
 HEADLINE_METRICS = ("accuracy", "cer", "wer", "nll_per_note", "nll_vs_bigram", "si_sdri_db", "fraction_of_oracle")
 
 
-def _metrics(metrics: dict | object, limit: int = 3) -> str:
+def _metrics(metrics: dict | object, limit: int = 3, sep: str = ", ") -> str:
     items = dict(metrics)
     keys = [k for k in HEADLINE_METRICS if k in items] or sorted(items)
     more = len(items) - len(keys[:limit])
-    text = ", ".join(f"{k}={items[k]:.4g}" for k in keys[:limit])
-    return text + (f" (+{more} more)" if more > 0 else "")
+    text = sep.join(f"{k}={items[k]:.4g}" for k in keys[:limit])
+    return text + (f"{sep if sep != ', ' else ' '}(+{more} more)" if more > 0 else "")
 
 
 def _preview(values: tuple[str, ...], limit: int = 12) -> str:

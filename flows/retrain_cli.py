@@ -1,7 +1,8 @@
 """Flows/CLI: ``audiopipe retrain LABELS_URL ...`` — the ``retrain-on-new-labels`` flow from the command line.
 
 Thin: check the options (before Prefect starts), run the flow in-process, print the outcome as a rich table
-on stdout. User errors (``AudiopipeError``) print one paragraph and exit 2, as the rest of the CLI does.
+on stdout (``--json``: one JSON object). Errors print one paragraph and exit with the CLI's codes
+(``flows/outcome_cli.py``: 2 for a user error, 75 for an unreachable store...).
 ``flows/cli.py`` calls ``register(app)``; Prefect and the flow are imported only when the command runs.
 """
 
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from audiopipe.infra.errors import AudiopipeError
+from audiopipe.flows.outcome_cli import JSON_HELP, run_command
 
 
 def register(app: typer.Typer) -> None:
@@ -40,6 +41,7 @@ def retrain(
     workers: Annotated[int | None, typer.Option(help="Featurize workers of the local Dask cluster (training uses one).")] = None,
     dask_address: Annotated[str | None, typer.Option(help="Use this Dask scheduler instead of a local cluster.")] = None,
     storage_options: Annotated[str | None, typer.Option(help="fsspec/s3fs options as JSON.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Retrain a model when new or changed label tables appear; promote the challenger only if it is better.
 
@@ -47,12 +49,13 @@ def retrain(
     featurized, a challenger is trained on all tables with the champion's settings, both are scored on the
     held-out table and the decision is recorded in the registry (`audiopipe models show NAME`).
     """
-    from audiopipe.flows.cli import cli_storage_options, exit_promptly_on_interrupt, fail, json_object
+    from audiopipe.flows.cli import cli_storage_options, exit_promptly_on_interrupt, json_object
     from audiopipe.infra.settings import apply_prefect_defaults, run_settings
 
     exit_promptly_on_interrupt()
     run = {k: v for k, v in (("workers", workers), ("dask_address", dask_address)) if v is not None}
-    try:
+
+    def body() -> dict:
         settings = run_settings(run)
         options = cli_storage_options(storage_options)
         apply_prefect_defaults(settings.work_dir)
@@ -64,13 +67,12 @@ def retrain(
         check_request(model, margin=margin, metric=metric, higher_is_better=higher_is_better,
                       holdout_split=holdout_split, epochs=epochs, train_params=parsed["train_params"],
                       storage_options=options)
-        result = retrain_on_new_labels(labels_url, audio, features, model, holdout, margin=margin, metric=metric,
-                                       higher_is_better=higher_is_better, holdout_split=holdout_split,
-                                       epochs=epochs, warm_start=warm_start, family=family, storage_options=options,
-                                       settings={**run, "work_dir": str(settings.work_dir)}, **parsed)
-    except AudiopipeError as exc:
-        fail(str(exc))
-    Console().print(_result_table(result))
+        return retrain_on_new_labels(labels_url, audio, features, model, holdout, margin=margin, metric=metric,
+                                     higher_is_better=higher_is_better, holdout_split=holdout_split,
+                                     epochs=epochs, warm_start=warm_start, family=family, storage_options=options,
+                                     settings={**run, "work_dir": str(settings.work_dir)}, **parsed)
+
+    run_command(body, lambda result: Console().print(_result_table(result)), as_json=as_json)
 
 
 def _result_table(result: dict) -> Table:

@@ -23,6 +23,22 @@ class TransientStorageError(StorageError):
     """A storage call failed in a way that may succeed on retry (connection reset, 5xx, timeout)."""
 
 
+class ShardsFailedError(StorageError):
+    """A run finished, but some shards could not be committed after their retries.
+
+    Committed shards are kept and the same command finishes the rest. ``summary`` is the run's summary
+    (a plain dict), so a caller can still report what was done; both arguments stay in ``args`` so the
+    error pickles whole.
+    """
+
+    def __init__(self, message: str, summary: dict | None = None) -> None:
+        super().__init__(message, summary or {})
+        self.summary = summary or {}
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class BadAudioError(AudiopipeError):
     """One input cannot be decoded into usable audio; the file is rejected with this message."""
 

@@ -45,6 +45,26 @@ def test_list_from_argument_and_from_env(registry):
         assert len(lines) == 3 and "champion" in lines[1] and "cer=0.2" in lines[1]
 
 
+def test_list_fits_an_80_column_terminal_without_cutting_a_cell(registry, keras_file):
+    """Every column used to be cut with an ellipsis at 80 columns; now long cells wrap instead."""
+    registry.register("classify-sounds-nightly", keras_file, family="classify", feature_config={"kind": "logmel"},
+                      metrics={"accuracy": 0.8123, "precision_macro": 0.71, "recall_macro": 0.7, "f1": 0.61},
+                      training_data=TrainingData.of(["file:///f/part-1.parquet"]), classes=("a", "b"))
+    registry.promote("asr", 3, alias="challenger")
+    result = invoke(["list", registry.url], COLUMNS="80")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "…" not in result.stdout and max(len(line) for line in lines) <= 80, result.stdout
+    header = next(line for line in lines if "model" in line and "sha256" in line)
+    first_column = "".join(line[:header.index("family")].strip() for line in lines[lines.index(header) + 1:])
+    for name in ("asr@1", "asr@2", "asr@3", "classify-sounds-nightly@1"):
+        assert name in first_column, first_column
+    text = " ".join(result.stdout.split())
+    for cell in ("champion", "challenger", "cer=0.1", "accuracy=0.81", registry.get_card("asr@1").model_sha256[:8],
+                 registry.get_card("asr@1").created_at[:10]):
+        assert cell in text, cell
+
+
 def test_show_card_overview_and_json(registry):
     card = invoke(["show", f"{registry.url}:asr@champion"])
     assert card.exit_code == 0, card.output

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 
 import dask
@@ -192,12 +193,13 @@ def test_store_restart_mid_run_completes(tmp_path, own_cluster, prefect_api, s3_
             probe = s3fs.S3FileSystem(key=TEST_KEY, secret=TEST_SECRET, endpoint_url=store.endpoint_url,
                                       skip_instance_cache=True)
             wait_for(lambda: bool(probe.find(f"restart/out/manifest/config={cfg.config_hash}")), 120, "commit")
+            down_at = datetime.now(timezone.utc)
             store.down()
             time.sleep(2)
             store.up(access_key=TEST_KEY, secret_key=TEST_SECRET)
-            restarted.append(True)
+            restarted.append((down_at, datetime.now(timezone.utc)))
 
-        restarted: list[bool] = []
+        restarted: list[tuple[datetime, datetime]] = []
         with Client(own_cluster.scheduler_address) as client:
             client.register_plugin(SlowItems(0.15))
             thread = threading.Thread(target=restart_after_first_commit)
@@ -216,6 +218,11 @@ def test_store_restart_mid_run_completes(tmp_path, own_cluster, prefect_api, s3_
         manifest = read_manifest(fs2, OutputLayout(root, cfg.config_hash)).to_pylist()
         assert len(manifest) == 24 and len({r["source"] for r in manifest}) == 24
         assert all(r["status"] == "ok" for r in manifest)
+        # the restart happened while the run was in flight: shards committed before the store went down and
+        # others after it came back, in the same run
+        (down_at, up_at), = restarted
+        committed = [r["processed_at"] for r in manifest]
+        assert any(t < down_at for t in committed) and any(t > up_at for t in committed), (down_at, up_at)
     finally:
         store.down()
 
