@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 
 import dask
@@ -176,7 +177,7 @@ def committed_parts(s3, out: str) -> int:
 
 def assert_exactly_once(out_url: str, in_url: str, storage: StorageSpec, sources: list[str]) -> list[dict]:
     """One manifest row per source; each ok source's transcript rows once, in the part its row names;
-    its .jsonl/.srt side files beside them; no data part without a manifest part."""
+    its .jsonl/.srt/.vtt/.txt side files beside them; no data part without a manifest part."""
     fs, root = open_fs(out_url, storage)
     layout = ResultLayout(root, "transcribe", "asr", 1)
     manifest = read_manifest(fs, layout).to_pylist()
@@ -205,6 +206,8 @@ def assert_exactly_once(out_url: str, in_url: str, storage: StorageSpec, sources
         jsonl = fs.cat_file(layout.side_file("files", rel, ".jsonl")).decode().splitlines()
         assert len(jsonl) == r["n_segments"] and all(json.loads(x)["source"] == r["source"] for x in jsonl)
         assert fs.cat_file(layout.side_file("files", rel, ".srt")).decode().count(" --> ") == r["n_segments"]
+        assert fs.cat_file(layout.side_file("files", rel, ".vtt")).decode().count(" --> ") == r["n_segments"]
+        assert len(fs.cat_file(layout.side_file("files", rel, ".txt")).decode().splitlines()) == r["n_segments"]
     assert sum(per_source.values()) > 0, "the model emits text, so the counts mean something"
     return manifest
 
@@ -281,16 +284,17 @@ def test_store_restart_mid_run_completes(tmp_path, client, infer_cluster, prefec
         sources = upload_corpus(fs, tmp_path, "restart/in", 16, 4.0)
         options = {"endpoint_url": store.endpoint_url}
         model = register_asr("s3://restart/models", StorageSpec(options))
-        restarted: list[int] = []
+        restarted: list[tuple[int, datetime, datetime]] = []
 
         def restart_after_first_commit() -> None:
             probe = polling_fs(store.endpoint_url)
             wait_for(lambda: committed_parts(probe, "restart/out") > 0, 120, "first shard")
             committed = committed_parts(probe, "restart/out")
+            down_at = datetime.now(timezone.utc)
             store.down()
             time.sleep(2)
             store.up(access_key=TEST_KEY, secret_key=TEST_SECRET)
-            restarted.append(committed)
+            restarted.append((committed, down_at, datetime.now(timezone.utc)))
 
         client.register_plugin(SlowItems(0.4), name="ir-slow")
         thread = threading.Thread(target=restart_after_first_commit)
@@ -302,10 +306,14 @@ def test_store_restart_mid_run_completes(tmp_path, client, infer_cluster, prefec
                                                          files_per_shard=2, work_dir=tmp_path / "work"))
         finally:
             thread.join()
-        assert restarted and restarted[0] < 8, "the store must restart while shards are still pending"
+        assert restarted and restarted[0][0] < 8, "the store must restart while shards are still pending"
         assert (summary["recordings_ok"], summary["shards_failed"]) == (16, 0)
         manifest = assert_exactly_once("s3://restart/out", "s3://restart/in", StorageSpec(options), sources)
         assert [(r["source"], r["reason"]) for r in manifest if r["status"] != "ok"] == []
+        # in flight: this run committed shards both before the store went down and after it came back
+        _, down_at, up_at = restarted[0]
+        committed = [r["processed_at"] for r in manifest]
+        assert any(t < down_at for t in committed) and any(t > up_at for t in committed), (down_at, up_at)
     finally:
         store.down()
 
