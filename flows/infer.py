@@ -114,18 +114,23 @@ class InferPlan:
 
 def model_spec(task_name: str, model: str, storage: StorageSpec, *, in_url: str, work_dir: Path,
                window_s: float | None = None, batch_size: int = 32, decoder: dict | None = None,
-               logger=None) -> InferSpec:
+               channels: str = "mix", logger=None) -> InferSpec:
     """Resolve ``model`` and download it, verifying its checksum, before any work is planned.
 
     ``decoder`` (transcribe): ``beam_width``, ``lm_weight``, ``insertion_bonus`` overriding the setting
     stored on the card (``tasks.infer_decode.decoder_fields``); by default the model's LM and beam search.
+    ``channels`` (transcribe): ``mix`` (default) or ``split`` (each input channel transcribed on its own).
 
     Raises:
         ConfigError: the model's family does not do this task, or its card lacks a usable feature config.
         IntegrityError: the stored model file does not match its card.
     """
     from audiopipe.models.registry import open_model_ref
+    from audiopipe.tasks.infer import CHANNEL_MODES
 
+    if channels not in CHANNEL_MODES or (channels != "mix" and task_name != "transcribe"):
+        raise ConfigError(f"--channels must be one of {', '.join(CHANNEL_MODES)} (split: transcribe only), "
+                          f"got {channels!r} for {task_name}.")
     registry, ref = open_model_ref(model, storage)
     _, card = registry.fetch(ref, work_dir / "models")  # verifies size and sha256; nothing is loaded yet
     if card.model_family != TASKS[task_name]:
@@ -153,19 +158,19 @@ def model_spec(task_name: str, model: str, storage: StorageSpec, *, in_url: str,
                      model_sha256=card.model_sha256, feature_config=dict(card.feature_config), labels=labels,
                      subsample=int(model_cfg.get("subsample", 1)), window_s=window,
                      context_s=DEFAULT_CONTEXT_S[task_name], batch_size=batch_size, in_url=in_url,
-                     cache_dir=str(work_dir / "models"), **decoding)
+                     cache_dir=str(work_dir / "models"), channels=channels, **decoding)
 
 
 @task(name="plan-inference", cache_policy=NO_CACHE)
 def plan_inference(task_name: str, in_url: str, out_url: str, model: str, storage: StorageSpec,
                    settings: RunSettings, reprocess: bool, window_s: float | None, batch_size: int,
-                   decoder: dict | None = None) -> InferPlan:
+                   decoder: dict | None = None, channels: str = "mix") -> InferPlan:
     logger = get_run_logger()
     check_output_writable(out_url, storage)
     spec = model_spec(task_name, model, storage, in_url=in_url, work_dir=Path(settings.work_dir),
-                      window_s=window_s, batch_size=batch_size, decoder=decoder, logger=logger)
+                      window_s=window_s, batch_size=batch_size, decoder=decoder, channels=channels, logger=logger)
     if task_name == "transcribe":
-        logger.info("%s: decoding with %s", spec.model_tag, spec.describe_decoder())
+        logger.info("%s: decoding with %s, channels %s", spec.model_tag, spec.describe_decoder(), spec.channels)
     sources = list_audio_sources(in_url, storage)
     fs, root = open_fs(out_url, storage)
     layout = ResultLayout(root, task_name, spec.model_name, spec.model_version)
@@ -176,7 +181,7 @@ def plan_inference(task_name: str, in_url: str, out_url: str, model: str, storag
                                                 "feature_config": spec.feature_config, "labels": list(spec.labels),
                                                 **({"decoder": spec.describe_decoder()} if task_name == "transcribe"
                                                    else {})})
-    pending = sources if reprocess else _pending(sources, fs, layout)
+    pending = sources if reprocess else _pending(sources, fs, layout, spec)
     shards = plan_shards(pending, settings.files_per_shard, by_size=True)  # similar lengths batch together
     logger.info("%s with %s: %d recordings listed, %d already answered, %d to process in %d shards",
                 task_name, spec.model_tag, len(sources), len(sources) - len(pending), len(pending), len(shards))
@@ -193,19 +198,32 @@ def _with_stems_url(spec: InferSpec, fs, layout: ResultLayout) -> InferSpec:
     return replace(spec, stems_url=to_url(fs, f"{layout.base}/audio"))
 
 
-def _pending(sources: list[SourceFile], fs, layout: ResultLayout) -> list[SourceFile]:
-    """Recordings without a manifest row for their current version (rejected ones are not retried)."""
-    done = {}
-    for row in read_manifest(fs, layout, ["source", "etag", "mtime", "size"]).to_pylist():
+def _pending(sources: list[SourceFile], fs, layout: ResultLayout, spec: InferSpec) -> list[SourceFile]:
+    """Recordings without a manifest row for their current version (rejected ones are not retried).
+
+    Raises:
+        ConfigError: some recordings were answered by this model version with another ``--channels`` mode
+            (the manifest's ``config_hash``, ``InferSpec.result_tag``): a partition holds one answer per
+            recording, so this run refuses instead of skipping them as done or silently replacing them.
+    """
+    done, other = {}, {}
+    for row in read_manifest(fs, layout, ["source", "etag", "mtime", "size", "config_hash"]).to_pylist():
         mtime_us = datetime_to_us(row["mtime"]) if row["mtime"] else None
         done[row["source"]] = source_version(row["etag"], mtime_us, row["size"])
+        other[row["source"]] = row["config_hash"] if row["config_hash"] != spec.result_tag else None
+    clash = [s for s in sources if done.get(s.url) == s.version and other.get(s.url)]
+    if clash:
+        was = other[clash[0].url]
+        raise ConfigError(f"{len(clash)} recordings under {spec.in_url} were already answered here as {was!r} "
+                          f"(e.g. {clash[0].url}); this run asks for {spec.result_tag!r}. Pass --reprocess to "
+                          "redo every recording this way (replacing those results), or write to another output URL.")
     return [s for s in sources if done.get(s.url) != s.version]
 
 
 def bulk_inference(task_name: str, in_url: str, out_url: str, model: str, *, reprocess: bool = False,
                    storage_options: dict | None = None, settings: dict | RunSettings | None = None,
                    window_s: float | None = None, batch_size: int = 32, gpu: bool = False,
-                   decoder: dict | None = None) -> dict:
+                   decoder: dict | None = None, channels: str = "mix") -> dict:
     """The body shared by the three flows (see their docstrings)."""
     started = time.perf_counter()
     settings = settings if isinstance(settings, RunSettings) else RunSettings(**(settings or {}))
@@ -213,7 +231,7 @@ def bulk_inference(task_name: str, in_url: str, out_url: str, model: str, *, rep
     storage = merged_storage_spec(storage_options)
     logger = get_run_logger()
     plan = plan_inference(task_name, in_url, out_url, model, storage, settings, reprocess, window_s, batch_size,
-                          decoder)
+                          decoder, channels)
     report(ProgressEvent(files_total=sum(len(s.files) for s in plan.shards)))
     summary = InferSummary(task=task_name, model=f"{plan.spec.registry_url}:{plan.spec.model_tag}",
                            recordings_listed=plan.listed, recordings_skipped=plan.skipped, reconciled=plan.reconciled)
@@ -265,7 +283,7 @@ def transcribe_flow(in_url: str, out_url: str, model: str, reprocess: bool = Fal
                     storage_options: dict | None = None, settings: dict | None = None,
                     window_s: float | None = None, batch_size: int = 32, gpu: bool = False,
                     beam_width: int | None = None, lm_weight: float | None = None,
-                    insertion_bonus: float | None = None) -> dict:
+                    insertion_bonus: float | None = None, channels: str = "mix") -> dict:
     """Transcribe every recording under ``in_url`` not yet transcribed by this model version.
 
     Args:
@@ -282,11 +300,15 @@ def transcribe_flow(in_url: str, out_url: str, model: str, reprocess: bool = Fal
             search with the character LM stored with the model; greedy for a model stored without one).
         lm_weight: Weight of the LM's log-probability (default: the card's, chosen on validation).
         insertion_bonus: Score bonus per character (default: the card's, chosen on validation).
+        channels: ``mix`` (default: channels mixed down, ``channel`` null) or ``split`` (each input channel
+            transcribed on its own, rows carry ``channel``, files label the speaker; mono counts as channel 0).
+            A partition answered in the other mode is refused unless ``reprocess``.
     """
     decoder = {k: v for k, v in (("beam_width", beam_width), ("lm_weight", lm_weight),
                                  ("insertion_bonus", insertion_bonus)) if v is not None}
     return bulk_inference("transcribe", in_url, out_url, model, reprocess=reprocess, storage_options=storage_options,
-                          settings=settings, window_s=window_s, batch_size=batch_size, gpu=gpu, decoder=decoder)
+                          settings=settings, window_s=window_s, batch_size=batch_size, gpu=gpu, decoder=decoder,
+                          channels=channels)
 
 
 @safe_flow(name="classify-audio", task_runner=_RUNNER, validate_parameters=False)

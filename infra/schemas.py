@@ -52,11 +52,11 @@ MANIFEST_V1 = pa.schema(
 MANIFEST_STATUSES = ("ok", "rejected")
 
 
-def _results_schema(name: str, fields: list[pa.Field]) -> pa.Schema:
+def _results_schema(name: str, fields: list[pa.Field], version: int = CONTRACT_VERSION) -> pa.Schema:
     """A bulk-inference result table: its own columns, then the model version that produced the row."""
     model = [pa.field("model", pa.string(), nullable=False), pa.field("model_version", pa.int32(), nullable=False)]
     return pa.schema([pa.field("source", pa.string(), nullable=False), *fields, *model],
-                     metadata={"audiopipe.contract": name, "audiopipe.contract_version": str(CONTRACT_VERSION)})
+                     metadata={"audiopipe.contract": name, "audiopipe.contract_version": str(version)})
 
 
 _WORD = pa.struct([pa.field("word", pa.string()), pa.field("start_s", pa.float64()),
@@ -64,14 +64,19 @@ _WORD = pa.struct([pa.field("word", pa.string()), pa.field("start_s", pa.float64
 _CLASS_PROB = pa.struct([pa.field("label", pa.string()), pa.field("p", pa.float32())])
 
 # `audiopipe transcribe`: one row per speech segment (words between pauses), times in seconds of the recording.
-TRANSCRIPTS_V1 = _results_schema("transcripts", [
+_TRANSCRIPT_FIELDS = [
     pa.field("segment", pa.int32(), nullable=False),
     pa.field("start_s", pa.float64(), nullable=False),
     pa.field("end_s", pa.float64(), nullable=False),
     pa.field("text", pa.string(), nullable=False),
     pa.field("confidence", pa.float32(), nullable=False),
     pa.field("words", pa.list_(_WORD), nullable=False),
-])
+]
+TRANSCRIPTS_V1 = _results_schema("transcripts", _TRANSCRIPT_FIELDS)
+# V2 (written since `transcribe --channels`): V1 plus ``channel``, the input channel a segment was heard on
+# (``--channels split``), null where the channels were mixed down (``--channels mix``, the default).
+TRANSCRIPTS_V2 = _results_schema("transcripts", [*_TRANSCRIPT_FIELDS, pa.field("channel", pa.int32())], version=2)
+TRANSCRIPTS_ACCEPTED = (TRANSCRIPTS_V1, TRANSCRIPTS_V2)  # what ``transcripts_as_v2`` reads
 # `audiopipe classify`: one row per window (the model's feature segment) ...
 CLASS_SEGMENTS_V1 = _results_schema("class_segments", [
     pa.field("segment", pa.int32(), nullable=False),
@@ -120,6 +125,23 @@ def validate_table(table: pa.Table | pa.RecordBatch, schema: pa.Schema) -> None:
         bad = set(table.column("status").to_pylist()) - set(MANIFEST_STATUSES)
         if bad:
             raise SchemaError(f"manifest status has values {sorted(bad)}, allowed {MANIFEST_STATUSES}")
+
+
+def transcripts_as_v2(table: pa.Table) -> pa.Table:
+    """Read transcripts of either contract version (``TRANSCRIPTS_ACCEPTED``) as V2: a V1 table (written
+    before ``--channels``, always mixed down) gains a null ``channel`` column.
+
+    Raises:
+        SchemaError: the table is neither TRANSCRIPTS_V1 nor TRANSCRIPTS_V2.
+    """
+    if table.schema.names == TRANSCRIPTS_V1.names:
+        validate_table(table, TRANSCRIPTS_V1)
+        table = table.append_column(TRANSCRIPTS_V2.field("channel"), pa.nulls(table.num_rows, pa.int32()))
+        table = table.select(TRANSCRIPTS_V2.names)
+    elif table.schema.names != TRANSCRIPTS_V2.names:
+        raise SchemaError(f"not a transcripts table of an accepted version (V1, V2): columns {table.schema.names}")
+    validate_table(table, TRANSCRIPTS_V2)
+    return table.replace_schema_metadata(TRANSCRIPTS_V2.metadata)
 
 # One row per file that `audiopipe synth` writes (audio or MIDI), keyed by the same ``source`` URL as the
 # manifest. Documented in docs/data-contracts.md ("LABELS_V1"); allowed values of the categorical columns are

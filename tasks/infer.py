@@ -26,7 +26,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -35,12 +35,14 @@ from audiopipe.infra.storage import StorageSpec, open_fs
 from audiopipe.tasks.audio_io import AudioInfo, iter_segments, open_source, probe
 from audiopipe.tasks.extract import SourceFile, header_of
 from audiopipe.tasks.features import FeatureConfig, compute_features
+from audiopipe.tasks.infer_channels import OneChannel
 
 log = logging.getLogger(__name__)
 
 TASKS = {"transcribe": "asr", "classify": "classify", "separate": "separate"}  # task -> model family
 MAX_BATCH_FRAMES = 64_000  # padded input frames per model call (~640 s of 10 ms frames)
 MIN_LOG_PROB = -1e4  # log-probabilities sent back as float16 are floored here (float16 ends at -65504)
+CHANNEL_MODES = ("mix", "split")
 
 
 @dataclass(frozen=True)
@@ -67,10 +69,17 @@ class InferSpec:
     lm_file: str = ""
     lm_weight: float = 0.0
     insertion_bonus: float = 0.0
+    # transcribe: "mix" (channels mixed down to mono, as featurize does) or "split" (each channel transcribed
+    # on its own: call recordings with agent and caller on separate channels)
+    channels: str = "mix"
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ConfigError(f"unknown inference task {self.task!r}; choose one of {', '.join(TASKS)}.")
+        if self.channels not in CHANNEL_MODES:
+            raise ConfigError(f"--channels must be one of {', '.join(CHANNEL_MODES)}, got {self.channels!r}.")
+        if self.channels != "mix" and self.task != "transcribe":
+            raise ConfigError(f"--channels {self.channels} is for transcribe only; {self.task} mixes channels down.")
         if self.window_s <= 0 or self.context_s < 0 or self.batch_size < 1:
             raise ConfigError("window_s must be > 0, context_s >= 0 and batch_size >= 1.")
         if self.beam_width < 1 or self.lm_weight < 0:
@@ -102,6 +111,12 @@ class InferSpec:
     def model_tag(self) -> str:
         return f"{self.model_name}@{self.model_version}"
 
+    @property
+    def result_tag(self) -> str:
+        """What identifies an answer in the manifest (``config_hash``) and in Dask keys: the model version,
+        plus the channel mode when it is not the default (so a mix answer never passes for a split one)."""
+        return self.model_tag if self.channels == "mix" else f"{self.model_tag} channels={self.channels}"
+
 
 @dataclass(frozen=True)
 class InferItem:
@@ -125,6 +140,9 @@ class InferOutput:
     # emptied once ``words`` holds the decoded recording (a whole recording is decoded on the worker)
     frames: list[tuple[int, np.ndarray]] = field(default_factory=list)
     words: list | None = None  # transcribe: ctc_align.Word, in time order
+    # transcribe --channels split: the same two per input channel (``frames``/``words`` stay empty)
+    channel_frames: dict[int, list[tuple[int, np.ndarray]]] = field(default_factory=dict)
+    channel_words: dict[int, list] = field(default_factory=dict)
     # classify: (window index, start s, duration s, probabilities float32) per window
     classes: list[tuple[int, float, float, np.ndarray]] = field(default_factory=list)
     stems: dict[str, str] = field(default_factory=dict)  # separate: stem name -> URL written
@@ -227,6 +245,7 @@ class Window:
     core_s: float
     start_s: float  # time of samples[0]
     samples: np.ndarray
+    channel: int | None = None  # --channels split: the input channel heard (None: mixed down)
 
 
 def iter_windows(handle, snd, info: AudioInfo, *, core_s: float, context_s: float, rate: int, first: int = 0,
@@ -287,7 +306,7 @@ def infer_item(item: InferItem, spec: InferSpec, storage: StorageSpec) -> list[I
     _run_batches(windows, outputs, loaded, spec)
     for out in outputs:
         if not out.ok:
-            out.frames, out.classes = [], []
+            out.frames, out.classes, out.channel_frames = [], [], {}
             continue
         out.frames.sort(key=lambda piece: piece[0])
         out.classes.sort(key=lambda row: row[0])
@@ -295,7 +314,12 @@ def infer_item(item: InferItem, spec: InferSpec, storage: StorageSpec) -> list[I
             from audiopipe.tasks.infer_decode import decode_recording
 
             t0 = time.perf_counter()
-            out.words, out.frames = decode_recording(out.frames, spec, loaded.decoder), []
+            if spec.channels == "split":
+                out.channel_words = {ch: decode_recording(pieces, spec, loaded.decoder)
+                                     for ch, pieces in sorted(out.channel_frames.items())}
+                out.channel_frames = {}
+            else:
+                out.words, out.frames = decode_recording(out.frames, spec, loaded.decoder), []
             out.timings["ctc_s"] += time.perf_counter() - t0
     return outputs
 
@@ -317,34 +341,53 @@ def _decode_windows(source: SourceFile, item: InferItem, spec: InferSpec, storag
     out = InferOutput(source.url, reason=source.rejected)  # rejected at discovery (dangling symlink...)
     if out.reason:
         return out
-    cfg = spec.features
     started = time.perf_counter()
     mine = []
     try:
-        handle, snd, out.info = _open(source, storage, stream=item.stop is not None)
-        core_s, context_s = _windowing(spec, item, out.info)
-        try:
-            iterator = iter_windows(handle, snd, out.info, core_s=core_s, context_s=context_s,
-                                    rate=cfg.sample_rate, first=item.first, stop=item.stop)
-            while True:
-                t0 = time.perf_counter()
-                window = next(iterator, None)
-                out.timings["decode_s"] += time.perf_counter() - t0
-                if window is None:
-                    break
-                t0 = time.perf_counter()
-                mine.append((slot, window, compute_features(window.samples, cfg=cfg)))
-                out.timings["features_s"] += time.perf_counter() - t0
-                out.audio_s += window.core_s
-        finally:
-            snd.close()
-            handle.close()
+        channel, channels = 0, 1
+        while channel < channels:  # mix: one pass; split: one pass per channel (the file is decoded again)
+            handle, snd, out.info = _open(source, storage, stream=item.stop is not None)
+            if spec.channels == "split":
+                channels = out.info.channels
+            try:
+                _featurize(handle, snd, out, item, spec, slot, mine, None if spec.channels == "mix" else channel)
+            finally:
+                snd.close()
+                handle.close()
+            channel += 1
     except BadAudioError as exc:
         return InferOutput(source.url, reason=str(exc), info=out.info or header_of(exc),
                            timings=Counter(decode_s=time.perf_counter() - started))
     out.windows = len(mine)
     windows.extend(mine)
     return out
+
+
+def _featurize(handle, snd, out: InferOutput, item: InferItem, spec: InferSpec, slot: int, mine: list,
+               channel: int | None) -> None:
+    """Windows of the item's range, of one channel (``channel``) or mixed down (None), featurized into ``mine``.
+
+    Each channel is featurized with the model's own feature config and windowed exactly as mono audio; the
+    recording's audio seconds are counted once (on channel 0), not once per channel.
+    """
+    cfg = spec.features
+    core_s, context_s = _windowing(spec, item, out.info)
+    source = snd if channel is None or out.info.channels == 1 else OneChannel(snd, channel)
+    iterator = iter_windows(handle, source, out.info, core_s=core_s, context_s=context_s, rate=cfg.sample_rate,
+                            first=item.first, stop=item.stop)
+    while True:
+        t0 = time.perf_counter()
+        window = next(iterator, None)
+        out.timings["decode_s"] += time.perf_counter() - t0
+        if window is None:
+            break
+        t0 = time.perf_counter()
+        if channel is not None:
+            window = replace(window, channel=channel)
+        mine.append((slot, window, compute_features(window.samples, cfg=cfg)))
+        out.timings["features_s"] += time.perf_counter() - t0
+        if not channel:
+            out.audio_s += window.core_s
 
 
 def _windowing(spec: InferSpec, item: InferItem, info: AudioInfo) -> tuple[float, float]:
@@ -383,8 +426,11 @@ def _run_batches(windows: list, outputs: list[InferOutput], loaded: LoadedModel,
             if spec.task == "transcribe":
                 out.reason = nonfinite_reason(y[row][:_num_outputs(int(lengths[row]), spec)], window.core_start_s,
                                               "logits")
-                if out.reason is None:
+                if out.reason is None and window.channel is None:
                     out.frames.append(_core_frames(y[row], int(lengths[row]), window, spec))
+                elif out.reason is None:
+                    out.channel_frames.setdefault(window.channel, []).append(
+                        _core_frames(y[row], int(lengths[row]), window, spec))
             else:
                 out.reason = nonfinite_reason(y[row], window.core_start_s, "class probabilities")
                 if out.reason is None:

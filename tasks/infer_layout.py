@@ -3,7 +3,7 @@
 Layout (contract: ``docs/data-contracts.md``, "Inference results")::
 
     <task>/model=<name>/version=<v>/_model.json               the model version's card summary
-    <task>/model=<name>/version=<v>/<table>/part-<shard>.parquet   result rows (TRANSCRIPTS_V1, ...)
+    <task>/model=<name>/version=<v>/<table>/part-<shard>.parquet   result rows (TRANSCRIPTS_V2, ...)
     <task>/model=<name>/version=<v>/manifest/part-<shard>.parquet  MANIFEST_V1 rows: the commit record
     transcribe/.../files/<recording path>.{jsonl,srt,vtt,txt}     per recording, written before the commit
     separate/.../audio/<recording path>/{speech,background}.flac  stems, written before the commit
@@ -23,10 +23,10 @@ import numpy as np
 import pyarrow as pa
 
 from audiopipe.infra.schemas import (CLASS_RECORDINGS_V1, CLASS_SEGMENTS_V1, CONTRACT_VERSION, STEMS_V1,
-                                     TRANSCRIPTS_V1, validate_table)
+                                     TRANSCRIPTS_V2, validate_table)
 from audiopipe.infra.storage import StorageSpec, join, open_fs, write_bytes_atomic
 
-TABLES = {"transcribe": {"transcripts": TRANSCRIPTS_V1},
+TABLES = {"transcribe": {"transcripts": TRANSCRIPTS_V2},
           "classify": {"segments": CLASS_SEGMENTS_V1, "recordings": CLASS_RECORDINGS_V1},
           "separate": {"stems": STEMS_V1}}
 

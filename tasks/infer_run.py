@@ -30,8 +30,7 @@ from audiopipe.tasks.execute import (_SUSPECT_LOCK, CRASH_CATEGORY, PROBE_MIN_BY
                                      in_completion_order, probe_files, reject_category, retry_if_transient)
 from audiopipe.tasks.extract import Rejection, SourceFile, us_to_datetime
 from audiopipe.tasks.infer import InferItem, InferOutput, InferSpec, infer_item
-from audiopipe.tasks.infer_layout import (ResultLayout, class_rows, relative_source, stem_rows, table_of,
-                                          transcript_files, transcript_rows)
+from audiopipe.tasks.infer_layout import ResultLayout, class_rows, relative_source, stem_rows, table_of
 from audiopipe.tasks.progress import ProgressEvent, report
 from audiopipe.tasks.shards import ShardPlan, commit_intent, manifest_table, now_utc, write_table_atomic
 
@@ -69,11 +68,11 @@ class _State:
     info: AudioInfo | None = None
     audio_s: float = 0.0
     outputs: list[InferOutput] = field(default_factory=list)
-    words: list | None = None  # transcribe, a long recording: decoded here from its chunks' frames
+    words: dict | None = None  # transcribe, a long recording: decoded here from its chunks' frames, per channel
 
 
 def item_key(item: InferItem, spec: InferSpec) -> str:
-    blob = "\n".join(f"{s.url}\t{s.version}" for s in item.sources) + f"\t{item.first}\t{spec.model_tag}"
+    blob = "\n".join(f"{s.url}\t{s.version}" for s in item.sources) + f"\t{item.first}\t{spec.result_tag}"
     return f"{spec.task}-" + hashlib.sha1(blob.encode()).hexdigest()[:24]
 
 
@@ -183,15 +182,16 @@ def _decode_chunked(states: dict[str, _State], spec: InferSpec, storage: Storage
     no word is cut or repeated at a chunk edge). Whole recordings were decoded on their worker."""
     if spec.task != "transcribe":
         return
+    from audiopipe.tasks.infer_channels import pieces_by_channel
     from audiopipe.tasks.infer_decode import decode_recording, loaded_decoder
 
     for state in states.values():
-        pieces = [p for o in state.outputs for p in o.frames]
+        pieces = pieces_by_channel(state.outputs)
         if state.reason is not None or not pieces:
             continue
         started = time.perf_counter()
         try:
-            state.words = decode_recording(pieces, spec, loaded_decoder(spec, storage))
+            state.words = {ch: decode_recording(p, spec, loaded_decoder(spec, storage)) for ch, p in pieces.items()}
         except ValueError as exc:
             state.reason = f"processing failed: {exc}"
         state.outputs[0].timings["ctc_s"] += time.perf_counter() - started
@@ -255,15 +255,15 @@ def _results_of(state: _State, spec: InferSpec, fs, layout: ResultLayout, rows: 
     """Add the recording's result rows to ``rows`` (and write its side files); returns its segment count."""
     url, tag, version = state.source.url, spec.model_tag, spec.model_version
     if spec.task == "transcribe":
-        from audiopipe.models.ctc_align import segments_from_words
+        from audiopipe.tasks.infer_channels import transcript_results, words_by_channel
 
-        words = state.words if state.words is not None else [w for o in state.outputs for w in o.words or ()]
-        segments = segments_from_words(words)
+        words = state.words if state.words is not None else words_by_channel(state.outputs)
+        transcripts, files = transcript_results(url, words, tag, version)
         rel = relative_source(spec.in_url, url)
-        for suffix, data in transcript_files(segments, source=url, model=tag).items():
+        for suffix, data in files.items():
             write_bytes_atomic(fs, layout.side_file("files", rel, suffix), data)
-        rows.setdefault("transcripts", []).extend(transcript_rows(url, segments, tag, version))
-        return len(segments)
+        rows.setdefault("transcripts", []).extend(transcripts)
+        return len(transcripts)
     if spec.task == "classify":
         windows = sorted((w for o in state.outputs for w in o.classes), key=lambda w: w[0])
         segments, recording = class_rows(url, windows, spec.labels, tag, version)
@@ -286,7 +286,7 @@ def _manifest_row(state: _State, spec: InferSpec, n_segments: int, shard: str | 
         "status": "ok" if ok else "rejected", "reason": state.reason,
         **header_columns(state.info, state.audio_s if ok else None),
         "n_segments": n_segments if ok else 0, "shard": shard if ok else None,
-        "config_hash": spec.model_tag, "audiopipe_version": audiopipe_version(), "processed_at": now_utc(),
+        "config_hash": spec.result_tag, "audiopipe_version": audiopipe_version(), "processed_at": now_utc(),
     }
 
 

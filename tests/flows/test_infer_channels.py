@@ -1,0 +1,130 @@
+"""``transcribe --channels split`` against real parts: stereo WAVs on disk, real Dask worker processes,
+Prefect's harness, a registered Keras model (``peaky_asr``: untrained weights made to emit letters, spaces and
+blanks; ``per_frame_asr`` keeps each output frame a function of its own 4 input frames).
+
+What this proves: each channel of a stereo recording is transcribed exactly as that channel alone, saved as a
+mono file and transcribed with the default ``--channels mix``, would be (same words at the same times), for a
+short recording decoded on its worker and for a long one cut into chunks and decoded in the shard; rows carry
+their channel and the side files label the speaker. It does not prove that an agent/caller split helps a
+trained recogniser: the model is untrained, so the words are the model's, not the speech's.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import srt
+import webvtt
+
+from audiopipe.flows.infer import run_inference
+from audiopipe.infra.errors import ConfigError, SchemaError
+from audiopipe.infra.schemas import TRANSCRIPTS_V1, TRANSCRIPTS_V2, transcripts_as_v2
+from audiopipe.infra.settings import RunSettings
+from audiopipe.infra.storage import StorageSpec, open_fs
+from audiopipe.tasks.infer_layout import ResultLayout
+from audiopipe.tasks.shards import read_manifest
+from tests.flows.infer_support import register_asr, voiced, write_wav
+from tests.flows.test_infer import peaky_asr
+
+pytestmark = [pytest.mark.slow]
+
+
+def _results(out: str):
+    fs, root = open_fs(out, StorageSpec())
+    layout = ResultLayout(root, "transcribe", "asr", 1)
+    parts = [p for p in fs.find(f"{layout.base}/transcripts") if p.endswith(".parquet")]
+    table = pa.concat_tables([pq.read_table(io.BytesIO(fs.cat_file(p))) for p in parts])
+    return fs, layout, read_manifest(fs, layout), table
+
+
+def _timed(rows) -> list[tuple]:
+    return [(r["text"], round(r["start_s"], 3), round(r["end_s"], 3)) for r in sorted(rows, key=lambda r: r["segment"])]
+
+
+def test_split_transcribes_each_channel_as_that_channel_alone(tmp_path, dask_cluster, prefect_api):
+    inputs, alone = tmp_path / "in", tmp_path / "alone"
+    short = [voiced(8.0, seed=1), voiced(8.0, seed=2)[::-1].copy()]  # agent and caller say different things
+    long = [voiced(80.0, seed=3), voiced(80.0, seed=4)]  # stereo 16-bit: 5 MiB > 4 MiB, cut into chunks
+    write_wav(inputs / "call.wav", np.stack(short, axis=1))
+    write_wav(inputs / "long" / "call.wav", np.stack(long, axis=1))
+    write_wav(inputs / "mono.wav", voiced(5.0, seed=5))
+    for ch in (0, 1):  # the reference: each channel saved alone, transcribed mixed (mono)
+        write_wav(alone / f"short{ch}.wav", short[ch])
+        write_wav(alone / f"long{ch}.wav", long[ch])
+    ref = register_asr(str(tmp_path / "reg"), model=peaky_asr())
+    settings = RunSettings(dask_address=dask_cluster.scheduler_address, work_dir=tmp_path / "work")
+    out = str(tmp_path / "out")
+
+    summary = run_inference("transcribe", str(inputs), out, ref, settings=settings, channels="split")
+    run_inference("transcribe", str(alone), str(tmp_path / "ref"), ref, settings=settings)
+    assert summary["recordings_ok"] == 3
+    assert summary["audio_hours"] * 3600 == pytest.approx(8.0 + 80.0 + 5.0, abs=0.01)  # each recording once
+
+    fs, layout, manifest, table = _results(out)
+    assert table.schema.equals(TRANSCRIPTS_V2, check_metadata=False)
+    rows = table.to_pylist()
+    assert set(manifest["config_hash"].to_pylist()) == {"asr@1 channels=split"}
+    _, _, _, reference = _results(str(tmp_path / "ref"))
+    expected = {}
+    for r in reference.to_pylist():
+        expected.setdefault(r["source"].rsplit("/", 1)[-1], []).append(r)
+    assert all(r["channel"] is None for r in reference.to_pylist())  # mix: no channel
+    for rel, name in (("call.wav", "short"), ("long/call.wav", "long")):
+        mine = [r for r in rows if r["source"].endswith(f"/in/{rel}")]
+        for ch in (0, 1):
+            heard = [r for r in mine if r["channel"] == ch]
+            assert heard and _timed(heard) == _timed(expected[f"{name}{ch}.wav"]), (rel, ch)
+        assert sorted(r["segment"] for r in mine) == list(range(len(mine)))  # one numbering, in time order
+        starts = [r["start_s"] for r in sorted(mine, key=lambda r: r["segment"])]
+        assert starts == sorted(starts)
+        assert _timed([r for r in mine if r["channel"] == 0]) != _timed([r for r in mine if r["channel"] == 1])
+        # the side files label each segment with its channel, in the table's order
+        by_segment = sorted(mine, key=lambda r: r["segment"])
+        labelled = [f"[ch{r['channel']}] {r['text']}" for r in by_segment]
+        files = f"{layout.base}/files/{rel}"
+        assert [c.content for c in srt.parse(fs.cat_file(f"{files}.srt").decode())] == labelled
+        assert [c.text for c in webvtt.from_buffer(io.StringIO(fs.cat_file(f"{files}.vtt").decode()))] == labelled
+        assert fs.cat_file(f"{files}.txt").decode().splitlines() == labelled
+        lines = [json.loads(line) for line in fs.cat_file(f"{files}.jsonl").decode().splitlines()]
+        assert [(d["channel"], d["speaker"], d["text"]) for d in lines] == [
+            (r["channel"], f"channel {r['channel']}", r["text"]) for r in by_segment]
+    mono = [r for r in rows if r["source"].endswith("/in/mono.wav")]
+    assert mono and {r["channel"] for r in mono} == {0}  # mono with split: one channel, 0
+
+    # exactly once per recording, model version and channel mode
+    again = run_inference("transcribe", str(inputs), out, ref, settings=settings, channels="split")
+    assert again["recordings_skipped"] == 3 and again["shards_written"] == 0
+    with pytest.raises(ConfigError, match=r"already answered here as 'asr@1 channels=split'.*--reprocess"):
+        run_inference("transcribe", str(inputs), out, ref, settings=settings)  # mix over split: refused
+    redo = run_inference("transcribe", str(inputs), out, ref, settings=settings, reprocess=True)
+    assert redo["recordings_ok"] == 3
+    _, _, manifest, table = _results(out)
+    assert sorted(manifest["source"].to_pylist()) == sorted({r["source"] for r in rows})
+    assert set(manifest["config_hash"].to_pylist()) == {"asr@1"}
+    assert set(table["channel"].to_pylist()) == {None}  # the split rows were replaced, not kept beside
+
+
+def test_channels_must_be_mix_or_split(tmp_path, prefect_api):
+    write_wav(tmp_path / "in" / "a.wav", voiced(2.0))
+    ref = register_asr(str(tmp_path / "reg"))
+    with pytest.raises(ConfigError, match="--channels must be one of mix, split"):
+        run_inference("transcribe", str(tmp_path / "in"), str(tmp_path / "out"), ref,
+                      settings=RunSettings(workers=1, work_dir=tmp_path / "work"), channels="left")
+    assert not (tmp_path / "out" / "transcribe").exists()
+
+
+def test_transcript_readers_accept_v1_and_v2():
+    v1 = pa.Table.from_pylist([{"source": "s", "segment": 0, "start_s": 0.0, "end_s": 1.0, "text": "hi",
+                                "confidence": 0.5, "words": [], "model": "asr@1", "model_version": 1}],
+                              schema=TRANSCRIPTS_V1)
+    as_v2 = transcripts_as_v2(v1)
+    assert as_v2.schema.equals(TRANSCRIPTS_V2, check_metadata=True)
+    assert as_v2.column("channel").to_pylist() == [None] and as_v2.column("text").to_pylist() == ["hi"]
+    assert transcripts_as_v2(as_v2).equals(as_v2)
+    with pytest.raises(SchemaError, match="accepted version"):
+        transcripts_as_v2(v1.drop_columns(["words"]))
