@@ -25,7 +25,7 @@ help:
 	@echo "make store-up    start the local SeaweedFS S3 store"
 	@echo "make store-down  stop it"
 	@echo "make serve       run store, Prefect server + UI, deployments and a worker (Ctrl-C stops)"
-	@echo "make lock        regenerate constraints.txt from .venv"
+	@echo "make lock        re-resolve the hashed locks in locks/ (uv), keeping their versions"
 	@echo "make clean       remove scratch folders (keeps .venv)"
 
 venv:
@@ -57,20 +57,32 @@ store-down: venv
 serve: venv
 	$(VENV)/bin/audiopipe serve
 
-# Re-resolve against pyproject.toml (without the old pins), then freeze what is installed.
-# Review the diff of constraints.txt before committing it.
+# The hashed, universal locks (Linux x86_64/aarch64, macOS arm64; Python 3.11 and 3.12), resolved by uv
+# (a dev dependency) from pyproject.toml. uv keeps every version already in a lock file unless told otherwise
+# (UPGRADE="--upgrade-package NAME" or UPGRADE=--upgrade), so adding a dependency moves nothing else.
+#   locks/dev.txt     every extra (train, store, cluster, dev): scripts/bootstrap.sh installs it into .venv
+#   locks/worker.txt  the core + train: the worker image (infra/docker/Dockerfile)
+#   locks/core.txt    the core alone: featurize and inference
+#   locks/worker-gpu.txt  the GPU worker image: worker.txt with tensorflow[and-cuda] (Linux x86_64 only)
+# The others are constrained by dev.txt, so all of them agree on every version they share.
+# Review the diff of locks/ before committing it.
+UV        := $(VENV)/bin/uv
+UPGRADE   :=
+UV_LOCK   := $(UV) pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes \
+             --quiet --custom-compile-command "make lock"
 lock: venv
-	$(PIP) install -q -e ".[train,dev]"
-	@{ \
-	  echo "# Pinned versions of every dependency of audiopipe[train,dev] (Python 3.11, linux x86_64)."; \
-	  echo "# Used by scripts/bootstrap.sh:  pip install -c constraints.txt -e \".[train,dev]\""; \
-	  echo "# Regenerate with:  make lock   (pip freeze --exclude-editable of .venv, less audiopipe/pip/setuptools/wheel)"; \
-	  $(PIP) freeze --exclude-editable | grep -viE '^(audiopipe|pip|setuptools|wheel)([=@ ]|$$)'; \
-	} > constraints.txt.tmp
-	mv constraints.txt.tmp constraints.txt
-	@# .venv now matches the new lock exactly: refresh the stamp so bootstrap skips pip.
-	@cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1 > $(VENV)/.audiopipe-stamp
-	@echo "constraints.txt: $$(grep -vc '^#' constraints.txt) pins"
+	$(UV_LOCK) $(UPGRADE) --all-extras -o locks/dev.txt
+	$(UV_LOCK) --extra train -c locks/dev.txt -o locks/worker.txt
+	$(UV_LOCK) -c locks/dev.txt -o locks/core.txt
+	@# The GPU worker image (Linux x86_64): tensorflow[and-cuda] of the same release replaces tensorflow-cpu.
+	@# Its two inputs are written into .venv, a fixed path, so that the lock's comments do not change.
+	@echo "tensorflow[and-cuda]==$$(sed -n 's/^tensorflow-cpu==\([^ ;]*\).*/\1/p' locks/dev.txt)" > $(VENV)/lock-gpu.in
+	@echo 'tensorflow-cpu ; sys_platform == "never"' > $(VENV)/lock-no-cpu.txt
+	$(UV) pip compile pyproject.toml $(VENV)/lock-gpu.in --extra train --override $(VENV)/lock-no-cpu.txt \
+	    -c locks/dev.txt --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes --quiet \
+	    --custom-compile-command "make lock" -o locks/worker-gpu.txt
+	@for f in locks/*.txt; do echo "$$f: $$(grep -c '^[A-Za-z0-9]' $$f) pins"; done
+	@bash scripts/bootstrap.sh
 
 clean:
 	rm -rf .audiopipe/ demo-out/ benchmarks/.data/ .pytest_cache/ .ruff_cache/ build/

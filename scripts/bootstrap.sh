@@ -3,11 +3,12 @@
 #
 #   1. installs the Debian packages the pipeline and its tests need,
 #   2. creates .venv if it is missing,
-#   3. installs the project with every extra, pinned by constraints.txt.
+#   3. installs every dependency of every extra from the hashed lock locks/dev.txt (pip --require-hashes),
+#      then the project itself, editable, with --no-deps.
 #
 # Idempotent: when everything is already in place it finishes in about a second.
 # The pip step is skipped while .venv/.audiopipe-stamp holds the sha256 of
-# pyproject.toml + constraints.txt; set AUDIOPIPE_FORCE_INSTALL=1 to force it.
+# pyproject.toml + locks/dev.txt; set AUDIOPIPE_FORCE_INSTALL=1 to force it.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -135,23 +136,19 @@ fi
 # --------------------------------------------------------------------------
 # 3. Python packages
 # --------------------------------------------------------------------------
-constraint_args=()
-hash_inputs=(pyproject.toml)
-if [[ -f constraints.txt ]]; then
-    constraint_args=(-c constraints.txt)
-    hash_inputs+=(constraints.txt)
-else
-    log "constraints.txt not found: installing unpinned (run 'make lock' to create it)"
-fi
-# Keep this hash in step with the `lock` target of the Makefile.
-want="$(cat "${hash_inputs[@]}" | sha256sum | cut -d' ' -f1)"
+LOCK=locks/dev.txt
+[[ -f "$LOCK" ]] || die "$LOCK is missing; it is part of the repository (regenerate it with 'make lock')"
+# `make lock` ends by running this script, so .venv follows a regenerated lock.
+want="$(cat pyproject.toml "$LOCK" | sha256sum | cut -d' ' -f1)"
 have="$(cat "$STAMP" 2>/dev/null || true)"
 
 if [[ "$want" == "$have" && -z "${AUDIOPIPE_FORCE_INSTALL:-}" ]]; then
     log "$VENV is up to date"
 else
-    log "installing audiopipe[train,dev] into $VENV ${constraint_args[*]:+(pinned by constraints.txt)}"
-    "$VENV/bin/python" -m pip install -q "${constraint_args[@]}" -e ".[train,dev]"
+    # Every package at the version and sha256 of the lock; then audiopipe itself (editable), adding nothing.
+    log "installing $LOCK into $VENV (pip --require-hashes), then audiopipe (editable, --no-deps)"
+    "$VENV/bin/python" -m pip install -q --require-hashes -r "$LOCK"
+    "$VENV/bin/python" -m pip install -q --no-deps -e .
     printf '%s\n' "$want" >"$STAMP"
     log "done"
 fi
