@@ -215,10 +215,12 @@ def synth(
     dask_address: Annotated[str | None, typer.Option(help="speech: an existing Dask scheduler instead of a local cluster.")] = None,
 ) -> None:
     """Synthesize a labelled corpus (speech with transcripts, sound classes, Bach chorales, mixtures with stems)."""
+    from audiopipe.flows.extras import require_extra
     from audiopipe.flows.synth import items_for_hours
     from audiopipe.flows.synth import synth as run_synth
 
     try:
+        require_extra("train", "synth")
         if n is not None and hours is not None:
             raise ConfigError("give --n or --hours, not both.")
         count = items_for_hours(kind, hours) if hours is not None else (200 if n is None else n)
@@ -263,8 +265,10 @@ def train(
 
     def body() -> dict:
         nonlocal config_hash
+        from audiopipe.flows.extras import require_extra
         from audiopipe.infra.storage import merged_storage_spec
 
+        require_extra("train", "train")
 
         options = cli_storage_options(storage_options)
         address = {"dask_address": dask_address} if dask_address else {}  # else AUDIOPIPE_DASK_ADDRESS applies
@@ -328,6 +332,9 @@ def evaluate(
     from audiopipe.tasks.evaluation import beam_decoder, evaluate_registered
 
     def body() -> dict:
+        from audiopipe.flows.extras import require_extra
+
+        require_extra("train", "evaluate")
         options = cli_storage_options(storage_options)
         storage = merged_storage_spec(options)
         if beam_width < 0 or ((lm_text or lexicon) and not beam_width):
@@ -366,9 +373,11 @@ def generate_music_cmd(
     storage_options: Annotated[str | None, typer.Option(help="fsspec/s3fs options as JSON.")] = None,
 ) -> None:
     """Sample a melody from a music model; write MIDI and, when fluidsynth is installed, a WAV rendering."""
+    from audiopipe.flows.extras import require_extra
     from audiopipe.flows.generate import generate_music
 
     try:
+        require_extra("train", "generate music")
         options = cli_storage_options(storage_options)
         result = generate_music(model_ref, out_url, length=length, temperature=temperature, seed=seed,
                                 registry_url=registry, storage_options=options)

@@ -31,6 +31,7 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.panel import Panel
+from rich.text import Text
 
 from audiopipe.infra.errors import AudiopipeError, ShardsFailedError, TransientStorageError
 
@@ -83,7 +84,8 @@ def show_error(message: str, code: int) -> None:
     title = {EXIT_FAILED_SHARDS: "audiopipe: run incomplete", EXIT_TRANSIENT: "audiopipe: store unreachable",
              EXIT_INTERNAL: "audiopipe: internal error", EXIT_INTERRUPTED: "audiopipe: interrupted"
              }.get(code, "audiopipe: error")
-    stderr_console.print(Panel(message, title=title, border_style="red", expand=False))
+    # Text: shown as written, never read as markup ("pip install 'audiopipe[train]'", s3://b/[x].wav)
+    stderr_console.print(Panel(Text(message), title=title, border_style="red", expand=False))
 
 
 @contextmanager

@@ -56,6 +56,9 @@ def retrain(
     run = {k: v for k, v in (("workers", workers), ("dask_address", dask_address)) if v is not None}
 
     def body() -> dict:
+        from audiopipe.flows.extras import require_extra
+
+        require_extra("train", "retrain")
         settings = run_settings(run)
         options = cli_storage_options(storage_options)
         apply_prefect_defaults(settings.work_dir)

