@@ -106,3 +106,13 @@ def test_a_command_without_its_extra_stops_with_the_extra_named(monkeypatch):
     with pytest.raises(ConfigError, match=r"`audiopipe train` needs the `train` extra.*audiopipe_no_such_module"
                                           r".*pip install 'audiopipe\[train\]'"):
         require_extra("train", "train")
+
+
+def test_the_dev_lock_satisfies_every_requirement_of_pyproject():
+    """A dependency added to pyproject.toml without `make lock` would be missing from .venv and the image."""
+    lock = lock_entries(LOCKS["dev"])
+    groups = [PROJECT["dependencies"], *PROJECT["optional-dependencies"].values()]
+    stale = [str(r) for group in groups for r in map(Requirement, group)
+             if canonicalize_name(r.name) not in lock
+             or not r.specifier.contains(lock[canonicalize_name(r.name)][0], prereleases=True)]
+    assert stale == [], f"run `make lock`: locks/dev.txt does not satisfy {stale}"
