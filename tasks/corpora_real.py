@@ -40,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 SR = 16_000
 VAL_PERCENT = 10
-REAL_ROLES = ("music", "effects")
 # Slots added to the sounds corpus' class cycle by ``--real`` (after its 8 synthetic ones): one more synthetic
 # speech slot, real music three times, real effects twice. Real recordings are then 5 of 14 clips.
 REAL_SLOTS = ("speech", "real-music", "real-music", "real-music", "real-effects", "real-effects")
@@ -74,6 +73,7 @@ class RealPackage:
             raise ConfigError(f"{self.name}: Debian's asterisk-* packages are kept out of every corpus.")
 
     def patterns(self) -> dict[str, tuple[str, ...]]:
+        """Patterns by role: ``music`` or ``effects`` (sound effects and environmental sounds)."""
         return {"music": self.music, "effects": self.effects}
 
 
