@@ -56,6 +56,7 @@ class InferSummary:
     shards_written: int = 0
     shards_failed: int = 0
     audio_hours: float = 0.0
+    gated_hours: float = 0.0  # transcribe --gate: audio classified as non-speech and not transcribed
     startup_s: float = 0.0
     processing_s: float = 0.0
     wall_s: float = 0.0
@@ -72,6 +73,7 @@ class InferSummary:
         self.recordings_ok += result.num_ok
         self.rows_written += result.num_rows
         self.audio_hours += result.audio_s / 3600
+        self.gated_hours += result.gated_s / 3600
         for reason, n in result.rejected.items():
             self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + n
             self.recordings_rejected += n
@@ -84,7 +86,11 @@ class InferSummary:
                ("ok", str(self.recordings_ok)), ("rejected", str(self.recordings_rejected))]
         out += [(f"  rejected: {reason}", str(n)) for reason, n in sorted(self.rejected_by_reason.items())]
         spent = sum(self.timings.values()) or 1.0
-        out += [("audio hours", f"{self.audio_hours:.3f}"),
+        out += [("audio hours", f"{self.audio_hours:.3f}")]
+        if self.gated_hours:
+            out += [("gated out (not speech)", f"{self.gated_hours * 3600:,.1f} s "
+                                               f"({self.gated_hours / max(self.audio_hours, 1e-12):.0%})")]
+        out += [
                 ("wall time", f"{self.wall_s:.1f} s (start-up {self.startup_s:.1f} s)"),
                 ("x real time", f"{self.x_realtime:,.1f}"), ("workers", str(self.workers)),
                 ("result rows written", str(self.rows_written))]
@@ -114,12 +120,15 @@ class InferPlan:
 
 def model_spec(task_name: str, model: str, storage: StorageSpec, *, in_url: str, work_dir: Path,
                window_s: float | None = None, batch_size: int = 32, decoder: dict | None = None,
-               channels: str = "mix", logger=None) -> InferSpec:
+               channels: str = "mix", gate: str | None = None, gate_classes: tuple[str, ...] = ("speech",),
+               logger=None) -> InferSpec:
     """Resolve ``model`` and download it, verifying its checksum, before any work is planned.
 
     ``decoder`` (transcribe): ``beam_width``, ``lm_weight``, ``insertion_bonus`` overriding the setting
     stored on the card (``tasks.infer_decode.decoder_fields``); by default the model's LM and beam search.
     ``channels`` (transcribe): ``mix`` (default) or ``split`` (each input channel transcribed on its own).
+    ``gate`` (transcribe): a ``classify`` model; only windows whose top class is in ``gate_classes`` are
+    transcribed, windows of the gate's segment length (``tasks/infer_gate.py``).
 
     Raises:
         ConfigError: the model's family does not do this task, or its card lacks a usable feature config.
@@ -154,23 +163,52 @@ def model_spec(task_name: str, model: str, storage: StorageSpec, *, in_url: str,
             (logger or log).warning(note)
         if decoding["lm_file"]:  # verified now, like the model: a damaged LM stops the run before any work
             registry.fetch_file(ref, decoding["lm_file"], work_dir / "models")
+    gating = {}
+    if gate:
+        gating = _gate_fields(gate, tuple(gate_classes), card, storage, in_url=in_url, work_dir=work_dir,
+                              batch_size=batch_size, task_name=task_name)
+        window = gating["gate"].window_s  # windows are the gate's segments: each is classified, then heard
     return InferSpec(task=task_name, registry_url=registry.url, model_name=ref.name, model_version=ref.version,
                      model_sha256=card.model_sha256, feature_config=dict(card.feature_config), labels=labels,
                      subsample=int(model_cfg.get("subsample", 1)), window_s=window,
                      context_s=DEFAULT_CONTEXT_S[task_name], batch_size=batch_size, in_url=in_url,
-                     cache_dir=str(work_dir / "models"), channels=channels, **decoding)
+                     cache_dir=str(work_dir / "models"), channels=channels, **decoding, **gating)
+
+
+def _gate_fields(gate: str, classes: tuple[str, ...], card, storage: StorageSpec, *, in_url: str, work_dir: Path,
+                 batch_size: int, task_name: str) -> dict:
+    """``InferSpec`` fields of ``--gate``: the classify model's own spec (fetched and verified now).
+
+    Raises:
+        ConfigError: not transcribe, a class the gate model lacks, or a gate featurizing at another rate.
+    """
+    if task_name != "transcribe":
+        raise ConfigError(f"--gate is for transcribe only, not {task_name}.")
+    spec = model_spec("classify", gate, storage, in_url=in_url, work_dir=work_dir, batch_size=batch_size)
+    unknown = sorted(set(classes) - set(spec.labels)) if classes else ["(none given)"]
+    if unknown:
+        raise ConfigError(f"--gate-classes {', '.join(unknown)} not among {spec.model_tag}'s classes "
+                          f"({', '.join(spec.labels)}).")
+    if spec.features.sample_rate != int(card.feature_config["sample_rate"]):
+        raise ConfigError(f"gate {spec.model_tag} featurizes at {spec.features.sample_rate} Hz, the recogniser at "
+                          f"{card.feature_config['sample_rate']} Hz; both must hear the same decoded audio.")
+    return {"gate": spec, "gate_classes": classes}
 
 
 @task(name="plan-inference", cache_policy=NO_CACHE)
 def plan_inference(task_name: str, in_url: str, out_url: str, model: str, storage: StorageSpec,
                    settings: RunSettings, reprocess: bool, window_s: float | None, batch_size: int,
-                   decoder: dict | None = None, channels: str = "mix") -> InferPlan:
+                   decoder: dict | None = None, channels: str = "mix", gate: str | None = None,
+                   gate_classes: tuple[str, ...] = ("speech",)) -> InferPlan:
     logger = get_run_logger()
     check_output_writable(out_url, storage)
     spec = model_spec(task_name, model, storage, in_url=in_url, work_dir=Path(settings.work_dir),
-                      window_s=window_s, batch_size=batch_size, decoder=decoder, channels=channels, logger=logger)
+                      window_s=window_s, batch_size=batch_size, decoder=decoder, channels=channels, gate=gate, gate_classes=gate_classes,
+                      logger=logger)
     if task_name == "transcribe":
-        logger.info("%s: decoding with %s, channels %s", spec.model_tag, spec.describe_decoder(), spec.channels)
+        logger.info("%s: decoding with %s, channels %s, gate %s", spec.model_tag, spec.describe_decoder(),
+                    spec.channels, "none" if spec.gate is None else f"{spec.gate.model_tag} keeps "
+                    f"{', '.join(spec.gate_classes)}")
     sources = list_audio_sources(in_url, storage)
     fs, root = open_fs(out_url, storage)
     layout = ResultLayout(root, task_name, spec.model_name, spec.model_version)
@@ -223,7 +261,8 @@ def _pending(sources: list[SourceFile], fs, layout: ResultLayout, spec: InferSpe
 def bulk_inference(task_name: str, in_url: str, out_url: str, model: str, *, reprocess: bool = False,
                    storage_options: dict | None = None, settings: dict | RunSettings | None = None,
                    window_s: float | None = None, batch_size: int = 32, gpu: bool = False,
-                   decoder: dict | None = None, channels: str = "mix") -> dict:
+                   decoder: dict | None = None, channels: str = "mix", gate: str | None = None,
+                   gate_classes: tuple[str, ...] = ("speech",)) -> dict:
     """The body shared by the three flows (see their docstrings)."""
     started = time.perf_counter()
     settings = settings if isinstance(settings, RunSettings) else RunSettings(**(settings or {}))
@@ -231,7 +270,7 @@ def bulk_inference(task_name: str, in_url: str, out_url: str, model: str, *, rep
     storage = merged_storage_spec(storage_options)
     logger = get_run_logger()
     plan = plan_inference(task_name, in_url, out_url, model, storage, settings, reprocess, window_s, batch_size,
-                          decoder, channels)
+                          decoder, channels, gate, tuple(gate_classes))
     report(ProgressEvent(files_total=sum(len(s.files) for s in plan.shards)))
     summary = InferSummary(task=task_name, model=f"{plan.spec.registry_url}:{plan.spec.model_tag}",
                            recordings_listed=plan.listed, recordings_skipped=plan.skipped, reconciled=plan.reconciled)
@@ -283,7 +322,8 @@ def transcribe_flow(in_url: str, out_url: str, model: str, reprocess: bool = Fal
                     storage_options: dict | None = None, settings: dict | None = None,
                     window_s: float | None = None, batch_size: int = 32, gpu: bool = False,
                     beam_width: int | None = None, lm_weight: float | None = None,
-                    insertion_bonus: float | None = None, channels: str = "mix") -> dict:
+                    insertion_bonus: float | None = None, channels: str = "mix", gate: str | None = None,
+                    gate_classes: list[str] | None = None) -> dict:
     """Transcribe every recording under ``in_url`` not yet transcribed by this model version.
 
     Args:
@@ -303,12 +343,15 @@ def transcribe_flow(in_url: str, out_url: str, model: str, reprocess: bool = Fal
         channels: ``mix`` (default: channels mixed down, ``channel`` null) or ``split`` (each input channel
             transcribed on its own, rows carry ``channel``, files label the speaker; mono counts as channel 0).
             A partition answered in the other mode is refused unless ``reprocess``.
+        gate: ``REGISTRY_URL:NAME@ALIAS`` of a ``classify`` model: each window (the gate's segment length) is
+            classified first and only those whose top class is in ``gate_classes`` (default ``["speech"]``)
+            are transcribed; the rest become rows with empty text and ``gated_as`` set.
     """
     decoder = {k: v for k, v in (("beam_width", beam_width), ("lm_weight", lm_weight),
                                  ("insertion_bonus", insertion_bonus)) if v is not None}
     return bulk_inference("transcribe", in_url, out_url, model, reprocess=reprocess, storage_options=storage_options,
                           settings=settings, window_s=window_s, batch_size=batch_size, gpu=gpu, decoder=decoder,
-                          channels=channels)
+                          channels=channels, gate=gate, gate_classes=tuple(gate_classes or ("speech",)))
 
 
 @safe_flow(name="classify-audio", task_runner=_RUNNER, validate_parameters=False)

@@ -84,6 +84,8 @@ def register(app: typer.Typer) -> None:
                    lm_weight: Annotated[float | None, typer.Option(help="Weight of the character LM's log-probability. (default: the card's, chosen on validation at training)")] = None,
                    insertion_bonus: Annotated[float | None, typer.Option(help="Score bonus per character, offsets the LM's pull to short output. (default: the card's)")] = None,
                    channels: Annotated[str, typer.Option(help="mix: channels mixed down to one transcript; split: each channel (e.g. agent and caller of a call) transcribed on its own, rows get a channel and files a [chN] label. (default: mix)")] = "mix",
+                   gate: Annotated[str | None, typer.Option(help="REGISTRY_URL:NAME@ALIAS of a classify model: each window is classified first and only speech is transcribed; hold music, silence... become rows marked by class. (default: no gate)")] = None,
+                   gate_classes: Annotated[str, typer.Option(help="Comma-separated classes of the gate model that count as speech and are transcribed.")] = "speech",
                    gpu: Gpu = False, progress: Progress = True, as_json: Json = False) -> None:
         """Transcribe every recording under IN_URL that this model version has not transcribed yet.
 
@@ -94,7 +96,8 @@ def register(app: typer.Typer) -> None:
         _run("transcribe", in_url, out_url, model, dict(reprocess=reprocess, workers=workers, dask_address=dask_address,
              files_per_shard=files_per_shard, storage_options=storage_options, progress=progress), as_json,
              window_s=window_s, batch_size=batch_size, gpu=gpu, beam_width=beam_width, lm_weight=lm_weight,
-             insertion_bonus=insertion_bonus, channels=channels)
+             insertion_bonus=insertion_bonus, channels=channels, gate=gate,
+             gate_classes=[c.strip() for c in gate_classes.split(",") if c.strip()])
 
     @app.command()
     def classify(in_url: In, out_url: Out, model: Model, reprocess: Reprocess = False, workers: Workers = None,

@@ -73,9 +73,11 @@ _TRANSCRIPT_FIELDS = [
     pa.field("words", pa.list_(_WORD), nullable=False),
 ]
 TRANSCRIPTS_V1 = _results_schema("transcripts", _TRANSCRIPT_FIELDS)
-# V2 (written since `transcribe --channels`): V1 plus ``channel``, the input channel a segment was heard on
-# (``--channels split``), null where the channels were mixed down (``--channels mix``, the default).
-TRANSCRIPTS_V2 = _results_schema("transcripts", [*_TRANSCRIPT_FIELDS, pa.field("channel", pa.int32())], version=2)
+# V2 (written since `transcribe --channels/--gate`): V1 plus ``channel``, the input channel a segment was heard
+# on (``--channels split``), null where the channels were mixed down (``--channels mix``, the default), and
+# ``gated_as``: the class of audio not transcribed (``--gate``: "music", "silence"...; text empty), else null.
+TRANSCRIPTS_V2 = _results_schema("transcripts", [*_TRANSCRIPT_FIELDS, pa.field("channel", pa.int32()),
+                                                 pa.field("gated_as", pa.string())], version=2)
 TRANSCRIPTS_ACCEPTED = (TRANSCRIPTS_V1, TRANSCRIPTS_V2)  # what ``transcripts_as_v2`` reads
 # `audiopipe classify`: one row per window (the model's feature segment) ...
 CLASS_SEGMENTS_V1 = _results_schema("class_segments", [
@@ -129,14 +131,16 @@ def validate_table(table: pa.Table | pa.RecordBatch, schema: pa.Schema) -> None:
 
 def transcripts_as_v2(table: pa.Table) -> pa.Table:
     """Read transcripts of either contract version (``TRANSCRIPTS_ACCEPTED``) as V2: a V1 table (written
-    before ``--channels``, always mixed down) gains a null ``channel`` column.
+    before ``--channels``/``--gate``: mixed down, nothing gated) gains null ``channel`` and ``gated_as``.
 
     Raises:
         SchemaError: the table is neither TRANSCRIPTS_V1 nor TRANSCRIPTS_V2.
     """
     if table.schema.names == TRANSCRIPTS_V1.names:
         validate_table(table, TRANSCRIPTS_V1)
-        table = table.append_column(TRANSCRIPTS_V2.field("channel"), pa.nulls(table.num_rows, pa.int32()))
+        for name in ("channel", "gated_as"):
+            field = TRANSCRIPTS_V2.field(name)
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
         table = table.select(TRANSCRIPTS_V2.names)
     elif table.schema.names != TRANSCRIPTS_V2.names:
         raise SchemaError(f"not a transcripts table of an accepted version (V1, V2): columns {table.schema.names}")

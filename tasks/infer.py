@@ -72,6 +72,10 @@ class InferSpec:
     # transcribe: "mix" (channels mixed down to mono, as featurize does) or "split" (each channel transcribed
     # on its own: call recordings with agent and caller on separate channels)
     channels: str = "mix"
+    # transcribe --gate: the classify model's spec; only windows whose top class is in gate_classes are
+    # transcribed (tasks/infer_gate.py)
+    gate: InferSpec | None = None
+    gate_classes: tuple[str, ...] = ("speech",)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -115,7 +119,10 @@ class InferSpec:
     def result_tag(self) -> str:
         """What identifies an answer in the manifest (``config_hash``) and in Dask keys: the model version,
         plus the channel mode when it is not the default (so a mix answer never passes for a split one)."""
-        return self.model_tag if self.channels == "mix" else f"{self.model_tag} channels={self.channels}"
+        tag = self.model_tag if self.channels == "mix" else f"{self.model_tag} channels={self.channels}"
+        if self.gate is not None:
+            tag += f" gate={self.gate.model_tag}:{','.join(self.gate_classes)}"
+        return tag
 
 
 @dataclass(frozen=True)
@@ -143,6 +150,8 @@ class InferOutput:
     # transcribe --channels split: the same two per input channel (``frames``/``words`` stay empty)
     channel_frames: dict[int, list[tuple[int, np.ndarray]]] = field(default_factory=dict)
     channel_words: dict[int, list] = field(default_factory=dict)
+    # transcribe --gate: windows not transcribed, (channel, index, start s, duration s, class, probability)
+    gated: list[tuple] = field(default_factory=list)
     # classify: (window index, start s, duration s, probabilities float32) per window
     classes: list[tuple[int, float, float, np.ndarray]] = field(default_factory=list)
     stems: dict[str, str] = field(default_factory=dict)  # separate: stem name -> URL written
@@ -226,6 +235,8 @@ def warm_model(spec: InferSpec, storage: StorageSpec) -> int:
     batch; ~1 s) and runs the feature code once (librosa's first call costs seconds): both belong to
     start-up, not to the first recordings.
     """
+    if spec.gate is not None:
+        warm_model(spec.gate, storage)
     loaded = loaded_model(spec, storage)
     bins = int(loaded.predict.input_signature[0].shape[-1])
     loaded.predict(np.zeros((1, 101, bins), np.float32), np.array([101], np.int32))  # trace the graph once
@@ -303,6 +314,10 @@ def infer_item(item: InferItem, spec: InferSpec, storage: StorageSpec) -> list[I
     for source in item.sources:
         out = _decode_windows(source, item, spec, storage, windows, len(outputs))
         outputs.append(out)
+    if spec.gate is not None:
+        from audiopipe.tasks.infer_gate import gate_windows
+
+        windows = gate_windows(windows, outputs, spec, storage)
     _run_batches(windows, outputs, loaded, spec)
     for out in outputs:
         if not out.ok:
@@ -396,7 +411,7 @@ def _windowing(spec: InferSpec, item: InferItem, info: AudioInfo) -> tuple[float
     A whole transcription up to twice the window runs as one window: cutting a 14 s call into 10 s + 4 s
     only adds padding (measured: 1.36x the real frames) and a seam. Classification keeps the model's segments.
     """
-    if spec.task == "transcribe" and item.stop is None and info.duration_s <= 2 * spec.window_s:
+    if spec.gate is None and spec.task == "transcribe" and item.stop is None and info.duration_s <= 2 * spec.window_s:
         return (info.frames + 1) / info.sample_rate, 0.0
     return spec.window_s, spec.context_s
 

@@ -63,27 +63,34 @@ def speaker(channel: int) -> str:
     return f"channel {channel}"
 
 
-def transcript_results(source: str, words: dict[int | None, list], model: str, version: int
+def transcript_results(source: str, words: dict[int | None, list], model: str, version: int, gated=()
                        ) -> tuple[list[dict], dict[str, bytes]]:
-    """One recording's TRANSCRIPTS_V2 rows and side files (by suffix) from its words per channel.
+    """One recording's TRANSCRIPTS_V2 rows and side files (by suffix) from its words per channel and its
+    gated spans (``infer_gate.gated_spans``: ``(channel, start_s, end_s, class, p)``).
 
     Segments of all channels are numbered together in time order (``segment`` stays unique within the
-    recording); a split recording's segments carry their channel, and its files label each segment.
+    recording); a split recording's segments carry their channel, and its files label each segment. A gated
+    span is a row with empty text, no words, ``gated_as`` its class and ``confidence`` the gate's mean
+    probability of that class; in the files its text is the class in brackets (``[music]``).
     """
-    from audiopipe.models.ctc_align import segments_from_words, to_jsonl
+    from audiopipe.models.ctc_align import Segment, segments_from_words, to_jsonl
     from audiopipe.tasks.infer_layout import transcript_files, transcript_rows
 
-    timed = sorted(((s, ch) for ch, w in words.items() for s in segments_from_words(w)),
-                   key=lambda sc: (sc[0].start_s, -1 if sc[1] is None else sc[1]))
-    segments = [s for s, _ in timed]
-    rows = transcript_rows(source, segments, model, version)
-    for row, (_, channel) in zip(rows, timed):
-        row["channel"] = channel
-    if all(ch is MIX for _, ch in timed):
-        return rows, transcript_files(segments, source=source, model=model)
-    labelled = [replace(s, text=f"[ch{ch}] {s.text}") for s, ch in timed]
-    files = transcript_files(labelled, source=source, model=model)
-    files[".jsonl"] = "".join(to_jsonl([s], source=source, model=model, channel=ch, speaker=speaker(ch))
-                              for s, ch in timed).encode()
+    timed = [(s, ch, None) for ch, w in words.items() for s in segments_from_words(w)]
+    timed += [(Segment(start, end, "", round(p, 4)), ch, label) for ch, start, end, label, p in gated]
+    timed.sort(key=lambda t: (t[0].start_s, -1 if t[1] is None else t[1]))
+    rows = transcript_rows(source, [s for s, _, _ in timed], model, version)
+    for row, (_, channel, label) in zip(rows, timed):
+        row["channel"], row["gated_as"] = channel, label
+    split = any(ch is not MIX for _, ch, _ in timed)
+    shown = [replace(s, text=(f"[ch{ch}] " if split else "") + (f"[{label}]" if label else s.text))
+             for s, ch, label in timed]
+    files = transcript_files(shown, source=source, model=model)
+    if split or gated:
+        files[".jsonl"] = "".join(
+            to_jsonl([s], source=source, model=model,
+                     **({"channel": ch, "speaker": speaker(ch)} if split else {}),
+                     **({"gated_as": label} if label else {}))
+            for s, ch, label in timed).encode()
     return rows, files
 

@@ -47,7 +47,8 @@ def loaded_decoder(spec: InferSpec, storage: StorageSpec):
 
 def decode_recording(pieces: list[tuple[int, np.ndarray]], spec: InferSpec, decoder) -> list:
     """Windows' log-probabilities (first global frame, ``(frames, classes)``), in any order, joined into one
-    sequence and decoded -> ``ctc_align.Word`` list with times from the recording's start.
+    sequence and decoded -> ``ctc_align.Word`` list with times from the recording's start. With a gate,
+    frames missing between runs of windows (gated ones) split the sequence: each run is decoded on its own.
 
     Raises:
         ValueError: the pieces leave a gap or overlap (frames lost or doubled).
@@ -55,7 +56,10 @@ def decode_recording(pieces: list[tuple[int, np.ndarray]], spec: InferSpec, deco
     from audiopipe.models.ctc_align import decode_words
 
     pieces = sorted(pieces, key=lambda p: p[0])
-    for (a, lp), (b, _) in zip(pieces, pieces[1:]):
+    for at, ((a, lp), (b, _)) in enumerate(zip(pieces, pieces[1:])):
+        if a + len(lp) < b and spec.gate is not None:  # gated windows between: decode each run on its own
+            return (decode_recording(pieces[:at + 1], spec, decoder)
+                    + decode_recording(pieces[at + 1:], spec, decoder))
         if a + len(lp) != b:
             raise ValueError(f"output frames {a + len(lp)}..{b} lost or doubled between windows")
     if not pieces:

@@ -51,6 +51,7 @@ class InferShardResult:
     num_ok: int = 0
     num_rows: int = 0
     audio_s: float = 0.0
+    gated_s: float = 0.0  # transcribe --gate: audio seconds classified as non-speech, not transcribed
     wall_s: float = 0.0
     timings: Counter = field(default_factory=Counter)  # decode_s, features_s, model_s, write_s
     rejected: Counter = field(default_factory=Counter)
@@ -245,6 +246,7 @@ def _commit(plan: ShardPlan, states: dict[str, _State], spec: InferSpec, storage
         if state.reason is None:
             result.num_ok += 1
             result.audio_s += state.audio_s
+            result.gated_s += sum(g[3] for o in state.outputs for g in o.gated if not g[0])  # each second once
         else:
             result.rejected[reject_category(state.reason)] += 1
     result.wall_s = time.perf_counter() - started
@@ -256,9 +258,11 @@ def _results_of(state: _State, spec: InferSpec, fs, layout: ResultLayout, rows: 
     url, tag, version = state.source.url, spec.model_tag, spec.model_version
     if spec.task == "transcribe":
         from audiopipe.tasks.infer_channels import transcript_results, words_by_channel
+        from audiopipe.tasks.infer_gate import gated_spans
 
         words = state.words if state.words is not None else words_by_channel(state.outputs)
-        transcripts, files = transcript_results(url, words, tag, version)
+        gated = gated_spans([g for o in state.outputs for g in o.gated])
+        transcripts, files = transcript_results(url, words, tag, version, gated)
         rel = relative_source(spec.in_url, url)
         for suffix, data in files.items():
             write_bytes_atomic(fs, layout.side_file("files", rel, suffix), data)

@@ -128,3 +128,108 @@ def test_transcript_readers_accept_v1_and_v2():
     assert transcripts_as_v2(as_v2).equals(as_v2)
     with pytest.raises(SchemaError, match="accepted version"):
         transcripts_as_v2(v1.drop_columns(["words"]))
+
+
+# ---- --gate -------------------------------------------------------------------------------------------
+
+GATE_CLASSES = ("speech", "music", "silence")
+
+
+def _tone(seconds: float, freq: float, rate: int = 16_000) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * np.pi * freq * t) + 0.2 * np.sin(2 * np.pi * 1.5 * freq * t)).astype(np.float32)
+
+
+def _quiet(seconds: float, seed: int, rate: int = 16_000) -> np.ndarray:
+    return (1e-4 * np.random.default_rng(seed).standard_normal(int(seconds * rate))).astype(np.float32)
+
+
+def nearest_centroid_gate():
+    """A classify model whose decision the test controls: the time-averaged log-mel frame of a window goes to
+    the nearest of three centroids (speech-like ``voiced``, steady two-note tones, near-silence), measured on
+    clips of other seeds and notes than the test recording's. Written as one Dense layer (score_c =
+    2 m_c.x - |m_c|^2), so it is a real registered Keras model run by the same code as any classifier."""
+    import keras
+
+    from audiopipe.models.layers import LengthMask
+    from audiopipe.tasks.features import compute_features
+    from tests.flows.infer_support import FEATURES
+
+    clips = {"speech": [voiced(3.0, seed=s) for s in range(40, 46)],
+             "music": [_tone(3.0, f) for f in (220.0, 330.0, 523.0, 700.0)],
+             "silence": [_quiet(3.0, s) for s in range(3)]}
+    centroids = np.stack([np.mean([compute_features(c, cfg=FEATURES).mean(axis=0) for c in clips[k]], axis=0)
+                          for k in GATE_CLASSES])
+    features = keras.Input((None, FEATURES.n_mels), name="features")
+    lengths = keras.Input((), dtype="int32", name="lengths")
+    x = LengthMask(1, name="input_zero")([features, lengths])
+    x = keras.layers.GlobalAveragePooling1D(name="mean")(x)
+    out = keras.layers.Dense(len(GATE_CLASSES), activation="softmax", name="nearest")(x)
+    model = keras.Model({"features": features, "lengths": lengths}, out, name="gate")
+    model.get_layer("nearest").set_weights([2 * centroids.T, -(centroids ** 2).sum(axis=1)])
+    return model
+
+
+def register_gate(registry_url: str) -> str:
+    from audiopipe.models.registry import Registry, TrainingData
+    from tests.flows.infer_support import FEATURES
+
+    ref = Registry(registry_url, StorageSpec()).register(
+        "gate", nearest_centroid_gate(), family="classify", metrics={"accuracy": 1.0},
+        feature_config=FEATURES.to_dict(), training_data=TrainingData.of(["made-in-test"]),
+        classes=GATE_CLASSES, params={"model_config": {}})
+    return f"{registry_url}:{ref.name}@{ref.version}"
+
+
+def test_gate_transcribes_only_speech_windows_and_marks_the_rest(tmp_path, dask_cluster, prefect_api):
+    """A 24 s call: speech, silence, speech, hold music, 6 s each (3 s gate windows, so no window straddles
+    two parts). What this proves: the registered gate's classes decide which windows reach the recogniser
+    (rows of text lie only in the speech parts; the silence and music parts are rows with ``gated_as``,
+    "[silence]"/"[music]" cues and 12 s reported gated), and both models load once per worker. The gate is a
+    nearest-centroid model on synthetic sounds, not a trained speech detector; the recogniser is untrained
+    and emits letters on any audio (which is why its text in the silence and music without the gate shows
+    what the gate removes), so the words are the model's, not the speech's."""
+    from distributed import Client
+
+    from audiopipe.tasks.infer import model_loads
+
+    parts = [voiced(6.0, seed=11), _quiet(6.0, 7), voiced(6.0, seed=12), _tone(6.0, 440.0)]
+    write_wav(tmp_path / "in" / "call.wav", np.concatenate(parts))
+    asr = register_asr(str(tmp_path / "reg"))  # untrained per_frame_asr: letters on any audio, silence too
+    gate = register_gate(str(tmp_path / "reg"))
+    settings = RunSettings(dask_address=dask_cluster.scheduler_address, work_dir=tmp_path / "work")
+    out = str(tmp_path / "out")
+    with Client(dask_cluster.scheduler_address) as client:
+        before = client.run(model_loads)
+        summary = run_inference("transcribe", str(tmp_path / "in"), out, asr, settings=settings, gate=gate)
+        after = client.run(model_loads)
+    assert summary["recordings_ok"] == 1
+    assert summary["gated_hours"] * 3600 == pytest.approx(12.0, abs=0.01)
+    for worker, loads in after.items():  # the recogniser and the gate: once each on every worker that ran
+        grown = {k: n - before[worker].get(k, 0) for k, n in loads.items() if str(tmp_path / "reg") in k}
+        assert set(grown.values()) <= {1} and len(grown) in (0, 2), (worker, grown)
+
+    fs, layout, manifest, table = _results(out)
+    rows = sorted(table.to_pylist(), key=lambda r: r["segment"])
+    gated = [(r["gated_as"], r["start_s"], r["end_s"], r["text"], r["words"]) for r in rows if r["gated_as"]]
+    assert gated == [("silence", 6.0, 12.0, "", []), ("music", 18.0, 24.0, "", [])]
+    spoken = [r for r in rows if not r["gated_as"]]
+    assert spoken and all(r["text"] for r in spoken)
+    for r in spoken:  # every word heard inside a speech part
+        assert all((0 <= w["start_s"] and w["end_s"] <= 6.0) or (12.0 <= w["start_s"] and w["end_s"] <= 18.0)
+                   for w in r["words"]), r
+    assert manifest["config_hash"].to_pylist() == ["asr@1 gate=gate@1:speech"]
+    cues = [c.content for c in srt.parse(fs.cat_file(f"{layout.base}/files/call.wav.srt").decode())]
+    assert cues == [("[" + r["gated_as"] + "]") if r["gated_as"] else r["text"] for r in rows]
+    lines = [json.loads(line) for line in fs.cat_file(f"{layout.base}/files/call.wav.jsonl").decode().splitlines()]
+    assert [d.get("gated_as") for d in lines] == [r["gated_as"] for r in rows]
+
+    # without the gate the same recording yields text in the non-speech parts too: the gate removed it
+    plain = run_inference("transcribe", str(tmp_path / "in"), str(tmp_path / "plain"), asr, settings=settings)
+    assert plain["gated_hours"] == 0
+    _, _, _, ungated = _results(str(tmp_path / "plain"))
+    assert any(w["start_s"] >= 6.0 and w["end_s"] <= 12.0 or w["start_s"] >= 18.0
+               for r in ungated.to_pylist() for w in r["words"])
+    with pytest.raises(ConfigError, match="--gate-classes talk not among gate@1's classes"):
+        run_inference("transcribe", str(tmp_path / "in"), str(tmp_path / "bad"), asr, settings=settings, gate=gate,
+                      gate_classes=["talk"])
