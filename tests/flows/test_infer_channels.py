@@ -233,3 +233,32 @@ def test_gate_transcribes_only_speech_windows_and_marks_the_rest(tmp_path, dask_
     with pytest.raises(ConfigError, match="--gate-classes talk not among gate@1's classes"):
         run_inference("transcribe", str(tmp_path / "in"), str(tmp_path / "bad"), asr, settings=settings, gate=gate,
                       gate_classes=["talk"])
+
+
+def test_gate_decides_per_channel_for_whole_recordings_and_chunks(tmp_path):
+    """In-process (no Dask): with --channels split and a gate, each channel's windows are classified on their
+    own: a stereo call with speech on channel 0 and hold music on channel 1 sends only channel 0 to the
+    recogniser, whole and as a chunk of windows, and channel 1's windows merge into one music span."""
+    from audiopipe.flows.infer import model_spec
+    from audiopipe.tasks.extract import SourceFile
+    from audiopipe.tasks.infer import InferItem, infer_item
+    from audiopipe.tasks.infer_gate import gated_spans
+
+    wav = write_wav(tmp_path / "in" / "call.wav", np.stack([voiced(30.0, seed=21), _tone(30.0, 392.0)], axis=1))
+    asr = register_asr(str(tmp_path / "reg"))
+    spec = model_spec("transcribe", asr, StorageSpec(), in_url=str(tmp_path / "in"), work_dir=tmp_path / "work",
+                      channels="split", gate=register_gate(str(tmp_path / "reg")))
+    assert (spec.window_s, spec.gate.model_tag) == (3.0, "gate@1")
+    source = SourceFile("file://" + str(wav), wav.stat().st_size)
+    whole, = infer_item(InferItem((source,)), spec, StorageSpec())
+    assert whole.ok and set(whole.channel_words) == {0} and whole.channel_words[0]
+    assert [(g[1], g[4]) for g in whole.gated if g[0] == 1] == [(i, "music") for i in range(10)]
+    heard = [g for g in whole.gated if g[0] == 0]  # the gate may call a pause of the speech "silence"
+    assert {g[4] for g in heard} <= {"silence"} and len(heard) < 5
+    music = [sp for sp in gated_spans(whole.gated) if sp[0] == 1]
+    assert [sp[:4] for sp in music] == [(1, 0.0, 30.0, "music")]
+    chunk, = infer_item(InferItem((source,), 2, 5), spec, StorageSpec())
+    assert [g[1] for g in chunk.gated if g[0] == 1] == [2, 3, 4]
+    kept = 3 - len([g for g in chunk.gated if g[0] == 0])
+    assert set(chunk.channel_frames) == {0} and kept
+    assert sum(len(lp) for _, lp in chunk.channel_frames[0]) == round(kept * 3.0 / spec.frame_s)
