@@ -143,3 +143,12 @@ def finite_features(samples: np.ndarray, *, cfg: FeatureConfig) -> np.ndarray:
                             f"({bad} of {features.size} {cfg.kind} values NaN or Inf); rescale the file")
     raise BadAudioError(f"non-finite features: {bad} of {features.size} {cfg.kind} values are NaN or Inf "
                         f"although the samples peak at {peak:.3g}")
+
+
+def padded_batch(frames: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Stack (num_frames, bins) arrays into a zero-padded float32 (batch, max_frames, bins) and their lengths."""
+    lengths = np.array([f.shape[0] for f in frames], np.int32)
+    x = np.zeros((len(frames), int(lengths.max()), frames[0].shape[1]), np.float32)
+    for row, f in enumerate(frames):
+        x[row, :len(f)] = f
+    return x, lengths

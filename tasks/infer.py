@@ -34,7 +34,7 @@ from audiopipe.infra.errors import BadAudioError, ConfigError
 from audiopipe.infra.storage import StorageSpec, open_fs
 from audiopipe.tasks.audio_io import AudioInfo, iter_segments, open_source, probe
 from audiopipe.tasks.extract import SourceFile, header_of
-from audiopipe.tasks.features import FeatureConfig, compute_features
+from audiopipe.tasks.features import FeatureConfig, compute_features, padded_batch
 from audiopipe.tasks.infer_channels import OneChannel
 
 log = logging.getLogger(__name__)
@@ -426,11 +426,7 @@ def _run_batches(windows: list, outputs: list[InferOutput], loaded: LoadedModel,
         batch = [windows[i] for i in order[start:start + size]]
         start += size
         t0 = time.perf_counter()
-        feats = [b[2] for b in batch]
-        lengths = np.array([f.shape[0] for f in feats], np.int32)
-        x = np.zeros((len(feats), int(lengths.max()), feats[0].shape[1]), np.float32)
-        for row, f in enumerate(feats):
-            x[row, :len(f)] = f
+        x, lengths = padded_batch([b[2] for b in batch])
         y = loaded.predict(x, lengths).numpy()
         elapsed = time.perf_counter() - t0
         for row, (slot, window, f) in enumerate(batch):

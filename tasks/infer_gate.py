@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from audiopipe.tasks.features import compute_features
+from audiopipe.tasks.features import compute_features, padded_batch
 
 
 def gate_windows(windows: list, outputs: list, spec, storage) -> list:
@@ -40,10 +40,7 @@ def gate_windows(windows: list, outputs: list, spec, storage) -> list:
     for start in range(0, len(order), gate.batch_size):
         batch, f = order[start:start + gate.batch_size], feats[start:start + gate.batch_size]
         t0 = time.perf_counter()
-        lengths = np.array([x.shape[0] for x in f], np.int32)
-        x = np.zeros((len(f), int(lengths.max()), f[0].shape[1]), np.float32)
-        for row, feat in enumerate(f):
-            x[row, :len(feat)] = feat
+        x, lengths = padded_batch(f)
         probs = loaded.predict(x, lengths).numpy()
         elapsed = time.perf_counter() - t0
         for row, entry in enumerate(batch):
