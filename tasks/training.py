@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -282,8 +283,13 @@ def fit_with_checkpoints(spec: TrainSpec, model, datasets, ckpt_dir: Path, start
     if start_epoch < spec.epochs and not finished:  # a run that stopped early is done, not resumable
         callbacks = [keras.callbacks.EarlyStopping(patience=spec.patience, restore_best_weights=True),
                      lr_callback(spec), SaveState()]
-        model.fit(datasets["train"], validation_data=datasets["val"], epochs=spec.epochs,
-                  initial_epoch=start_epoch, callbacks=callbacks, verbose=2)
+        with warnings.catch_warnings():
+            # Bucketed tf.data batches have no length until an epoch has run, so Keras warns "Your input ran
+            # out of data" once per fit although every epoch sees all batches; the datasets shuffle
+            # themselves (to_dataset), so shuffle=False says what happens instead of Keras' ignored default.
+            warnings.filterwarnings("ignore", message="Your input ran out of data")
+            model.fit(datasets["train"], validation_data=datasets["val"], epochs=spec.epochs,
+                      initial_epoch=start_epoch, callbacks=callbacks, verbose=2, shuffle=False)
         # the restored best weights, not the last epoch's
         save_checkpoint(model, ckpt_dir, epoch=len(past.get("loss", [])), history=past, done=True)
     return past
