@@ -192,7 +192,8 @@ def test_store_restart_mid_run_completes(tmp_path, own_cluster, prefect_api, s3_
         def restart_after_first_commit() -> None:
             probe = s3fs.S3FileSystem(key=TEST_KEY, secret=TEST_SECRET, endpoint_url=store.endpoint_url,
                                       skip_instance_cache=True)
-            wait_for(lambda: bool(probe.find(f"restart/out/manifest/config={cfg.config_hash}")), 120, "commit")
+            wait_for(lambda: any(p.endswith(".parquet") for p in  # a manifest part, not a commit intent
+                                 probe.find(f"restart/out/manifest/config={cfg.config_hash}")), 120, "commit")
             down_at = datetime.now(timezone.utc)
             store.down()
             time.sleep(2)
